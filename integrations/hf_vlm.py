@@ -1,0 +1,275 @@
+"""Machinery shared by Hugging Face vision-language models that splice image features into the
+language model's input at placeholder tokens (LLaVA, LLaVA-NeXT, Qwen2-VL...).
+
+Prefill is intercepted before the model sees it:
+- ``model(**inputs)``: a forward pre-hook turns ``input_ids + pixel_values`` into the shrunk
+  ``inputs_embeds`` (and attention mask, position ids, labels) and calls the original forward.
+- ``model.generate(**inputs)``: an instance-level ``generate`` does the same before the original
+  ``generate`` starts, so its own bookkeeping (attention mask growth, position ids, cache length) is
+  consistent from the first step; the returned sequences start with the caller's original input ids.
+Nothing of the model's own code is copied; ``remove`` deletes the hook and the instance attribute.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from vtoken.sequence import Packing, pack_rows
+from vtoken.sites import Site
+from vtoken.tokens import TokenSet
+
+from .base import Integration
+from .decoder import DecoderSites
+
+POSITION_MODES = ("compact", "original")
+
+
+@dataclass
+class ImageTokens:
+    """One group of same-size images at the projector: features ``[n, N, D]`` in placeholder order."""
+
+    features: Tensor
+    grid: tuple[int, int] | None
+    signals: dict[str, Tensor] = field(default_factory=dict)
+    scoring_seconds: float = 0.0
+
+
+@dataclass
+class Prefill:
+    """What the LLM-site hooks need to know about the sequence the language model is about to see."""
+
+    visual: Tensor  # [B, L] bool: visual-token positions of the language model's input
+    units: Tensor  # [B] images per row
+    attention_mask: Tensor | None
+
+
+class HFVisionLanguage(Integration):
+    options: ClassVar[dict[str, Any]] = {"positions": "compact"}
+    #: the keyword arguments that carry images; they are consumed by the prefill step
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+
+    # --- what a model family provides ------------------------------------------------------------
+    def language_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> list[ImageTokens]:
+        """Image features after the projector, grouped by size, in placeholder order, with the
+        requested per-token signals."""
+        raise NotImplementedError
+
+    def default_positions(self, inputs: dict[str, Any], for_generate: bool) -> Tensor:
+        """The position ids the unwrapped model would use for this input (1-D models)."""
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if for_generate and mask is not None:
+            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def extra_sequence_inputs(self) -> tuple[str, ...]:
+        """Other per-position inputs that shrink with the sequence (e.g. ``mm_token_type_ids``)."""
+        return ()
+
+    # --- install / remove ------------------------------------------------------------------------
+    def install(self) -> None:
+        if self.settings["positions"] not in POSITION_MODES:
+            raise ValueError(f"positions={self.settings['positions']!r}; accepted: {', '.join(POSITION_MODES)}")
+        self.check_sites()
+        self._signature = inspect.signature(type(self.model).forward)
+        self._generate_signature = inspect.signature(type(self.model).generate)
+        self._handles = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        self._had_generate = "generate" in self.model.__dict__
+        self._saved_generate = self.model.__dict__.get("generate")
+        original_generate = self.model.generate
+        integration = self
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return integration._generate(original_generate, *args, **kwargs)
+
+        self.model.__dict__["generate"] = generate
+        llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
+        self.decoder = DecoderSites(self, self.language_model(), llm_sites) if llm_sites else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._had_generate:
+            self.model.__dict__["generate"] = self._saved_generate
+        else:
+            self.model.__dict__.pop("generate", None)
+        if self.decoder is not None:
+            self.decoder.remove()
+            self.decoder = None
+
+    def site_layers(self) -> dict[str, int]:
+        return {"llm": len(self.language_model().layers)}
+
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        return ("projector", "llm")
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        inputs = self._signature.bind_partial(module, *args, **kwargs).arguments
+        inputs.pop("self", None)
+        inputs.update(inputs.pop("kwargs", {}))
+        if not self._has_images(inputs):
+            return None
+        return (), self.prepare(inputs, for_generate=False)
+
+    def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._generate_signature.bind_partial(self.model, *args, **kwargs).arguments
+        inputs.pop("self", None)
+        inputs.update(inputs.pop("kwargs", {}))
+        if "inputs" in inputs:
+            inputs["input_ids"] = inputs.pop("inputs")
+        if not self._has_images(inputs):
+            return original(**inputs)
+        original_ids = inputs["input_ids"]
+        prepared = self.prepare(inputs, for_generate=True)
+        shrunk = prepared["input_ids"].shape[1]
+        output = original(**prepared)
+        return _restore_prompt(output, original_ids, shrunk)
+
+    def _has_images(self, inputs: dict[str, Any]) -> bool:
+        return any(inputs.get(key) is not None for key in self.image_inputs if key != "image_sizes")
+
+    def prepare(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+        """Encode the images, run the projector-site stages and shrink every per-position input."""
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("vtoken needs input_ids to locate the image tokens; pass input_ids, not inputs_embeds")
+        self.stats.reset()
+        projector = Site("projector")
+        run_projector = projector in self.pipeline.sites
+        groups = self.encode_images(inputs, self.pipeline.signals_at(projector) if run_projector else {})
+        image_mask = input_ids == self.image_token_id()
+        features, keep_image_tokens = self._run_projector(groups, projector if run_projector else None)
+
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if int(image_mask.sum()) != keep_image_tokens.numel():
+            raise ValueError(
+                f"the prompt holds {int(image_mask.sum())} image tokens but the images give "
+                f"{keep_image_tokens.numel()} features; check the processor and the model match"
+            )
+        seq_keep = ~image_mask
+        seq_keep[image_mask] = keep_image_tokens.reshape(-1)
+        embeds = embeds.clone()
+        embeds[image_mask & seq_keep] = features.to(embeds.dtype)
+
+        units = self._images_per_row(image_mask, groups)
+        out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k != "input_ids"}
+        mask = inputs.get("attention_mask")
+        positions = self._positions(inputs, for_generate)
+        if bool(seq_keep.all()):
+            packing = None
+            out.update(inputs_embeds=embeds, attention_mask=mask)
+            visual = image_mask
+            if positions is not None:
+                out["position_ids"] = positions
+        else:
+            packing = pack_rows(seq_keep, mask)
+            out["inputs_embeds"] = packing.gather(embeds)
+            out["attention_mask"] = packing.mask if mask is not None or not _equal_rows(packing) else None
+            visual = packing.gather(image_mask, pad_value=False)
+            if "labels" in inputs and inputs["labels"] is not None:
+                out["labels"] = packing.gather(inputs["labels"], pad_value=-100)
+            for key in self.extra_sequence_inputs():
+                if inputs.get(key) is not None:
+                    out[key] = self._gather_sequence(packing, inputs[key])
+            if positions is not None:
+                out["position_ids"] = self._gather_positions(packing, positions)
+            elif inputs.get("position_ids") is not None:
+                new_mask = packing.mask
+                out["position_ids"] = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+        if for_generate:
+            pad = _pad_id(self.model, input_ids)
+            out["input_ids"] = input_ids if packing is None else packing.gather(input_ids, pad_value=pad)
+        if self.decoder is not None:
+            self.decoder.expect_prefill(Prefill(visual=visual, units=units, attention_mask=out.get("attention_mask")))
+        return out
+
+    def _run_projector(self, groups: list[ImageTokens], site: Site | None) -> tuple[Tensor, Tensor]:
+        """Kept features of all images in placeholder order, and the keep mask of every image token."""
+        kept_features, keep_masks = [], []
+        for group in groups:
+            n_images, n_tokens = group.features.shape[:2]
+            if site is None:
+                kept_features.append(group.features.reshape(-1, group.features.shape[-1]))
+                keep_masks.append(torch.ones(n_images, n_tokens, dtype=torch.bool, device=group.features.device))
+                continue
+            tokens = TokenSet.from_features(group.features, grid=group.grid, signals=group.signals)
+            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=group.scoring_seconds)
+            mask = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=group.features.device)
+            mask.scatter_(1, keep.indices, True)
+            kept_features.append(after.features.reshape(-1, after.features.shape[-1]))
+            keep_masks.append(mask)
+        return torch.cat(kept_features), torch.cat([m.reshape(-1) for m in keep_masks])
+
+    def _images_per_row(self, image_mask: Tensor, groups: list[ImageTokens]) -> Tensor:
+        sizes = [g.features.shape[1] for g in groups for _ in range(g.features.shape[0])]
+        counts, row_tokens = [], image_mask.sum(1).tolist()
+        cursor = 0
+        for tokens in row_tokens:
+            images, total = 0, 0
+            while total < tokens:
+                total += sizes[cursor]
+                cursor += 1
+                images += 1
+            counts.append(images)
+        return torch.tensor(counts, device=image_mask.device)
+
+    def _positions(self, inputs: dict[str, Any], for_generate: bool) -> Tensor | None:
+        """Original position ids to keep (positions='original'), or None to let the model count anew."""
+        if self.settings["positions"] != "original":
+            return None
+        if inputs.get("position_ids") is not None:
+            return inputs["position_ids"]
+        return self.default_positions(inputs, for_generate)
+
+    def _gather_positions(self, packing: Packing, positions: Tensor) -> Tensor:
+        return self._gather_sequence(packing, positions, pad_value=0)
+
+    def _gather_sequence(self, packing: Packing, values: Tensor, pad_value: Any = None) -> Tensor:
+        """Gather a per-position tensor whose last dim is the sequence (``[B, L]`` or ``[C, B, L]``)."""
+        batch = packing.index.shape[0]
+        if values.dim() == 2:
+            return packing.gather(values.expand(batch, -1), pad_value=pad_value)
+        moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
+        return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
+
+
+def timed_signal(device: torch.device) -> float:
+    """Wall-clock time that counts GPU work (synchronises on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _equal_rows(packing: Packing) -> bool:
+    return bool(packing.mask.all())
+
+
+def _pad_id(model: Any, input_ids: Tensor) -> int:
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def _restore_prompt(output: Any, original_ids: Tensor, shrunk_length: int) -> Any:
+    """Put the caller's original prompt back in front of the generated tokens."""
+    if isinstance(output, Tensor):
+        return torch.cat([original_ids, output[:, shrunk_length:]], dim=1)
+    if hasattr(output, "sequences"):
+        output.sequences = torch.cat([original_ids, output.sequences[:, shrunk_length:]], dim=1)
+    return output

@@ -1,0 +1,110 @@
+"""LLaVA-1.5 (transformers' ``LlavaForConditionalGeneration``; Llama/Vicuna and Mistral text models).
+
+Map of the model:
+- ``model.model.vision_tower``: CLIP ViT. Hidden state ``vision_feature_layer`` (-2 for LLaVA-1.5)
+  without [CLS] ("default" strategy) gives 576 patch tokens on a 24 x 24 grid for 336px / patch 14.
+  [CLS] attention for ``cls_attn`` is recomputed from the encoder layer that produces that hidden
+  state: its input (captured by a temporary forward pre-hook), ``layer_norm1``, ``q_proj`` for the
+  [CLS] row only, ``k_proj`` for all tokens.
+- ``model.model.multi_modal_projector``: 2-layer MLP; the ``projector`` site is its output.
+- ``<image>`` placeholders (``config.image_token_id``) in ``input_ids``: one per feature; what shrinks
+  before the LLM is the placeholders, the embeddings, the attention mask, labels and (with
+  ``positions='original'``) the position ids.
+- ``model.model.language_model``: Llama/Mistral decoder; the ``llm(K)`` site lives there.
+Positions default to ``compact`` (kept tokens are renumbered), as published LLaVA pruning results use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from vtoken import kernels
+from vtoken.registry import register_integration
+
+from .hf_vlm import HFVisionLanguage, ImageTokens, timed_signal
+
+
+@register_integration("llava")
+class LlavaIntegration(HFVisionLanguage):
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    options: ClassVar[dict[str, Any]] = {"positions": "compact"}
+
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    def vision_layers(self) -> torch.nn.ModuleList:
+        tower = self.model.model.vision_tower
+        # CLIPVisionModel holds the encoder directly in transformers 5.x; older layouts nest a vision_model
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> list[ImageTokens]:
+        config = self.model.config
+        layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
+        strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        pixel_values = inputs["pixel_values"]
+        wanted_layers = self._cls_layers(signals, layer)
+        captured: dict[int, Tensor] = {}
+        handles = [
+            self.vision_layers()[index].register_forward_pre_hook(_capture_into(captured, index), with_kwargs=True)
+            for index in wanted_layers
+        ]
+        try:
+            extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+            output = self.model.model.get_image_features(
+                pixel_values=pixel_values, vision_feature_layer=layer,
+                vision_feature_select_strategy=strategy, return_dict=True, **extra,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        features = output.pooler_output
+        features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        n_tokens = features.shape[1]
+        side = int(round(n_tokens ** 0.5))
+        grid = (side, side) if side * side == n_tokens else None
+        computed: dict[str, Tensor] = {}
+        start = timed_signal(features.device)
+        if "cls_attn" in signals:
+            rows = torch.stack([self._cls_row(captured[index], index) for index in wanted_layers]).mean(0)
+            computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
+        scoring = timed_signal(features.device) - start
+        return [ImageTokens(features=features, grid=grid, signals=computed, scoring_seconds=scoring)]
+
+    def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
+        """Encoder layer indices whose [CLS] attention is needed (hidden state h comes out of layer h-1)."""
+        if "cls_attn" not in signals:
+            return []
+        requested = signals["cls_attn"].get("layers")
+        if requested is None:
+            requested = [feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer]
+        count = len(self.vision_layers())
+        indices = []
+        for hidden in requested:
+            absolute = hidden if hidden >= 0 else count + 1 + hidden
+            if not 1 <= absolute <= count:
+                raise ValueError(
+                    f"cls_attn layer {hidden} is not a vision hidden state with an attention layer; accepted: "
+                    f"1..{count} or -{count}..-1 (as vision_feature_layer counts)"
+                )
+            indices.append(absolute - 1)
+        return indices
+
+    def _cls_row(self, hidden: Tensor, index: int) -> Tensor:
+        """[CLS] attention over all tokens in encoder layer ``index``, mean over heads: ``[B, N]``."""
+        layer = self.vision_layers()[index]
+        attention = layer.self_attn
+        normed = layer.layer_norm1(hidden)
+        batch, length, _ = normed.shape
+        q = attention.q_proj(normed[:, :1]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        return kernels.attention_rows(q, k, scale=attention.scale)[:, 0]
+
+
+def _capture_into(store: dict[int, Tensor], index: int):
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        store[index] = args[0] if args else kwargs["hidden_states"]
+
+    return hook

@@ -1,0 +1,138 @@
+"""The public API: specs, budgets, registries and the errors bad input gets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtoken
+from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava
+from vtoken.budget import resolve_keep
+
+
+def test_list_methods_and_models():
+    assert {"cls_attn", "kcenter", "dart", "random", "pool", "fastv"} <= set(vtoken.list_methods())
+    assert "llava" in vtoken.list_models()
+
+
+def test_fraction_and_int_budgets():
+    assert resolve_keep(64, 576) == 64
+    assert resolve_keep(0.25, 576) == 144
+    assert resolve_keep(16, 3 * 576, units=3) == 48
+    assert resolve_keep(1.0, 576) == 576
+
+
+@pytest.mark.parametrize("keep,error", [
+    (0, "must be >= 1"), (-3, "must be >= 1"), (0.0, r"must be in \(0, 1\]"), (1.5, r"must be in \(0, 1\]"),
+    (TOKENS_PER_IMAGE + 1, "exceeds the 144 visual tokens per image"),
+])
+def test_bad_budgets_are_named(keep, error):
+    model = tiny_llava()
+    with pytest.raises(ValueError, match=error):
+        vtoken.wrap(model, "kcenter", keep=keep)
+        with torch.no_grad():
+            model(**llava_batch([prompt_ids([20], 1, [30])]))
+
+
+def test_unknown_method_lists_registered_ones():
+    with pytest.raises(ValueError, match="unknown method 'nope'; registered methods: .*kcenter"):
+        vtoken.wrap(tiny_llava(), "kcenter+nope", keep=8)
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(ValueError, match="no integration for Linear .*supported: .*llava"):
+        vtoken.wrap(torch.nn.Linear(2, 2), "kcenter", keep=8)
+
+
+def test_stage_at_a_site_it_cannot_run_at():
+    with pytest.raises(ValueError, match="cannot run at llm\\(2\\); accepted sites: projector"):
+        vtoken.wrap(tiny_llava(), "cls_attn", keep=8, site="llm(2)")
+
+
+def test_site_the_model_does_not_have():
+    with pytest.raises(ValueError, match="vision site .* accepted: projector, llm\\(K\\)"):
+        vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="vision(1)")
+    with pytest.raises(ValueError, match="llm\\(9\\) does not exist .* 1 <= K < 4"):
+        vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="llm(9)")
+
+
+def test_unknown_option_lists_accepted_ones():
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['pivots'\\].*image_pivots"):
+        vtoken.wrap(tiny_llava(), "dart", keep=8, pivots=3)
+
+
+def test_bad_positions_option():
+    with pytest.raises(ValueError, match="accepted: compact, original"):
+        vtoken.wrap(tiny_llava(), "dart", keep=8, positions="shifted")
+
+
+def test_wrapping_twice_and_unwrapping_unwrapped_models_are_errors():
+    model = tiny_llava()
+    vtoken.wrap(model, "dart", keep=8)
+    with pytest.raises(ValueError, match="already wrapped"):
+        vtoken.wrap(model, "dart", keep=8)
+    vtoken.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        vtoken.unwrap(model)
+
+
+def test_failed_wrap_leaves_model_untouched():
+    model = tiny_llava()
+    with pytest.raises(ValueError):
+        vtoken.wrap(model, "kcenter", keep=8, site="llm(9)")
+    assert not hasattr(model, "vtoken") and "generate" not in model.__dict__
+
+
+def test_pipeline_object_and_per_stage_options():
+    model = tiny_llava()
+    pipeline = vtoken.Pipeline([vtoken.ClsAttn(keep=10), vtoken.KCenter()])
+    with vtoken.wrapped(model, pipeline, keep=30), torch.no_grad():
+        model(**llava_batch([prompt_ids([20], 1, [30])]))
+        assert [r.tokens_out for r in model.vtoken.stats.records] == [10, 20]
+    with vtoken.wrapped(model, "cls_attn+kcenter", keep=30, cls_attn={"keep": 6}), torch.no_grad():
+        model(**llava_batch([prompt_ids([20], 1, [30])]))
+        assert [r.tokens_out for r in model.vtoken.stats.records] == [6, 24]
+
+
+def test_pipeline_needs_a_budget():
+    model = tiny_llava()
+    with pytest.raises(ValueError, match="has no budget"):
+        with vtoken.wrapped(model, "kcenter"), torch.no_grad():
+            model(**llava_batch([prompt_ids([20], 1, [30])]))
+
+
+def test_registering_a_third_party_stage():
+    from dataclasses import dataclass
+
+    @vtoken.register_stage("first_tokens_test")
+    @dataclass
+    class FirstTokens(vtoken.Stage):
+        def select(self, tokens, k):
+            return vtoken.Keep(indices=torch.arange(k).expand(tokens.batch_size, k))
+
+    assert "first_tokens_test" in vtoken.list_methods()
+    model = tiny_llava()
+    with vtoken.wrapped(model, "first_tokens_test", keep=5), torch.no_grad():
+        out = model(**llava_batch([prompt_ids([20], 1, [30])]))
+    assert out.logits.shape[1] == 1 + 1 + 5 + 1 + 1
+
+
+def test_installed_layout_has_no_top_level_kernels_module(tmp_path):
+    code = (
+        "import importlib.util, vtoken, vtoken.kernels, vtoken.integrations, vtoken.eval\n"
+        "from pathlib import Path\n"
+        "root = Path(vtoken.__file__).resolve().parent.parent\n"
+        "for name in ('kernels', 'integrations', 'eval'):\n"
+        "    spec = importlib.util.find_spec(name) if name != 'eval' else None\n"
+        "    assert spec is None or root not in Path(spec.origin or '').resolve().parents, name\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    assert Path(tmp_path).exists()

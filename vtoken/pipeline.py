@@ -1,0 +1,206 @@
+"""Pipeline: stages composed into one plan.
+
+Stages at different sites run one after the other in forward order (each narrows what the next one
+sees). Stages at the same site share that site's budget "commit and fill": each stage but the last
+commits its share of the budget, and the next one chooses among the tokens not chosen yet; the site
+keeps the union, in original order. That is how ``cls_attn+kcenter`` keeps part of the budget by
+importance and the rest by diversity among the remaining tokens, with no special case.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .budget import resolve_keep, validate_keep
+from .sites import Site
+from .stages.base import Stage
+from .stats import StageRecord, Stats
+from .tokens import Keep, TokenSet
+
+
+class Pipeline:
+    """An ordered plan of stages, e.g. ``Pipeline([ClsAttn(keep=32), KCenter()])``."""
+
+    def __init__(self, stages: Sequence[Stage], keep: int | float | None = None) -> None:
+        stages = list(stages)
+        if not stages:
+            raise ValueError("a Pipeline needs at least one stage")
+        for stage in stages:
+            if not isinstance(stage, Stage):
+                raise TypeError(f"Pipeline takes Stage objects; got {stage!r}")
+        if keep is not None:
+            validate_keep(keep)
+        self.stages = stages
+        self.keep = keep
+        self._check_sites()
+
+    def _check_sites(self) -> None:
+        for site in self.sites:
+            at_site = self.stages_at(site)
+            if len(at_site) > 1 and any(stage.merging or not stage.budgeted for stage in at_site):
+                names = ", ".join(stage.name for stage in at_site)
+                raise ValueError(
+                    f"stages {names} share {site}, but merging or fixed-ratio stages must run alone at a site; "
+                    "put them at different sites"
+                )
+
+    @property
+    def sites(self) -> list[Site]:
+        """The distinct sites, in forward order."""
+        unique = {stage.site: None for stage in self.stages}
+        return sorted(unique, key=Site.sort_key)
+
+    def stages_at(self, site: Site) -> list[Stage]:
+        return [stage for stage in self.stages if stage.site == site]
+
+    def with_keep(self, keep: int | float | None) -> "Pipeline":
+        """The same stages with ``keep`` as the budget of the last budgeted site."""
+        return Pipeline(self.stages, keep if keep is not None else self.keep)
+
+    def resolve_sites(self, layer_counts: dict[str, int]) -> "Pipeline":
+        """Turn negative layer indices into absolute ones, given the model's layer count per site kind."""
+        for stage in self.stages:
+            if stage.site.layer is not None and stage.site.kind in layer_counts:
+                stage.site = stage.site.resolved(layer_counts[stage.site.kind])
+        return self
+
+    def signals_at(self, site: Site) -> dict[str, dict[str, Any]]:
+        """Every signal the stages at ``site`` need; two stages asking for one signal must agree."""
+        merged: dict[str, dict[str, Any]] = {}
+        for stage in self.stages_at(site):
+            for name, params in stage.signals().items():
+                if name in merged and merged[name] != params:
+                    raise ValueError(f"stages at {site} ask for signal {name!r} with different parameters")
+                merged[name] = params
+        return merged
+
+    def _site_budget(self, site: Site) -> int | float | None:
+        budgeted_sites = [s for s in self.sites if any(st.budgeted for st in self.stages_at(s))]
+        if site == budgeted_sites[-1] and self.keep is not None:
+            return self.keep
+        return None
+
+    def stage_budgets(self, site: Site, num_tokens: int, units: int) -> list[int]:
+        """Tokens each stage at ``site`` keeps (commits) out of ``num_tokens`` held by ``units`` images."""
+        stages = self.stages_at(site)
+        if len(stages) == 1 and not stages[0].budgeted:
+            return [num_tokens]
+        site_keep = self._site_budget(site)
+        explicit = {i: s.keep for i, s in enumerate(stages) if s.keep is not None}
+        if len(stages) == 1:
+            keep = stages[0].keep if stages[0].keep is not None else site_keep
+            if keep is None:
+                keep = stages[0].default_keep
+            if keep is None:
+                raise ValueError(_missing_budget(stages[0], site, self))
+            return [resolve_keep(keep, num_tokens, units, f"keep of {stages[0].name} at {site}")]
+        if site_keep is None and len(explicit) < len(stages):
+            missing = next(s for s in stages if s.keep is None)
+            raise ValueError(_missing_budget(missing, site, self))
+        committed = {
+            i: resolve_keep(k, num_tokens, units, f"keep of {stages[i].name} at {site}") for i, k in explicit.items()
+        }
+        if len(committed) == len(stages):
+            budgets = [committed[i] for i in range(len(stages))]
+        else:
+            total = resolve_keep(site_keep, num_tokens, units, f"keep at {site}")
+            rest = total - sum(committed.values())
+            implicit = [i for i in range(len(stages)) if i not in committed]
+            if rest < len(implicit):
+                raise ValueError(
+                    f"at {site} the stages with their own keep take {sum(committed.values())} of {total} tokens, "
+                    f"leaving {rest} for {len(implicit)} more stage(s); lower their keep or raise the budget"
+                )
+            share, extra = divmod(rest, len(implicit))
+            for rank, i in enumerate(implicit):
+                # the remainder goes to the last stages, so the first one commits the plain share
+                committed[i] = share + (1 if rank >= len(implicit) - extra else 0)
+            budgets = [committed[i] for i in range(len(stages))]
+        if sum(budgets) > num_tokens:
+            raise ValueError(f"stages at {site} keep {sum(budgets)} tokens in all, more than the {num_tokens} there")
+        return budgets
+
+    def run(
+        self, site: Site, tokens: TokenSet, stats: Stats | None = None, scoring_seconds: float = 0.0
+    ) -> tuple[TokenSet, Keep]:
+        """Run the stages at ``site`` on ``tokens``; return the tokens after the site and the combined
+        Keep (positions into ``tokens``)."""
+        stages = self.stages_at(site)
+        budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units)
+        per_unit_in = tokens.num_tokens // max(tokens.units, 1)
+        device = tokens.features.device
+        batch, n = tokens.batch_size, tokens.num_tokens
+        chosen: list[torch.Tensor] = []
+        remaining = torch.arange(n, device=device).expand(batch, n)
+        result_keep: Keep | None = None
+        for rank, (stage, k) in enumerate(zip(stages, budgets)):
+            view = tokens if rank == 0 else tokens.take(remaining)
+            start = _now(device)
+            keep = stage.select(view, k)
+            seconds = _now(device) - start
+            check_keep(keep, view, k, stage.name)
+            if stats is not None:
+                stats.add(StageRecord(
+                    stage=stage.name, site=str(site), tokens_in=per_unit_in,
+                    tokens_out=keep.num_kept // max(tokens.units, 1),
+                    scoring_ms=1000 * scoring_seconds if rank == 0 else 0.0, select_ms=1000 * seconds,
+                ))
+            if len(stages) == 1:
+                result_keep = keep
+                break
+            picked = remaining.gather(1, keep.indices)
+            chosen.append(picked)
+            left = torch.ones(batch, n, dtype=torch.bool, device=device)
+            for p in chosen:
+                left.scatter_(1, p, False)
+            remaining = left.nonzero()[:, 1].view(batch, -1)
+        if result_keep is None:
+            result_keep = Keep(indices=torch.cat(chosen, dim=1).sort(dim=1).values)
+        return tokens.apply(result_keep), result_keep
+
+    def describe(self) -> str:
+        return " + ".join(stage.describe() for stage in self.stages)
+
+    def __repr__(self) -> str:
+        return f"Pipeline([{self.describe()}], keep={self.keep!r})"
+
+
+def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
+    """A stage's Keep must hold exactly k sorted, unique, in-range positions per row."""
+    idx = keep.indices
+    if idx.shape != (tokens.batch_size, k):
+        raise RuntimeError(f"stage {stage} returned indices of shape {tuple(idx.shape)}; expected {(tokens.batch_size, k)}")
+    if k and (idx.min() < 0 or idx.max() >= tokens.num_tokens):
+        raise RuntimeError(f"stage {stage} returned positions outside 0..{tokens.num_tokens - 1}")
+    if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        raise RuntimeError(f"stage {stage} returned positions that are not strictly ascending")
+    if keep.features is not None and keep.features.shape[:2] != idx.shape:
+        raise RuntimeError(f"stage {stage} returned merged features not matching its {k} kept tokens")
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _missing_budget(stage: Stage, site: Site, pipeline: Pipeline) -> str:
+    return (
+        f"stage {stage.name} at {site} has no budget: pass keep= to wrap() (tokens per image or a fraction), "
+        f"or give the stage its own keep (stages before the last budgeted site of a pipeline need one)"
+    )
+
+
+def stages_from_names(names: Iterable[str]) -> list[type[Stage]]:
+    from .registry import STAGES, list_methods
+
+    classes = []
+    for name in names:
+        if name not in STAGES:
+            raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())} "
+                             "(combine them with '+')")
+        classes.append(STAGES[name])
+    return classes

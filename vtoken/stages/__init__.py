@@ -1,0 +1,11 @@
+"""Built-in stages, one file each; importing this package registers them."""
+
+from .base import Stage
+from .cls_attn import ClsAttn
+from .dart import Dart
+from .fastv import FastV
+from .kcenter import KCenter
+from .pool import Pool
+from .random import RandomKeep
+
+__all__ = ["Stage", "ClsAttn", "Dart", "FastV", "KCenter", "Pool", "RandomKeep"]

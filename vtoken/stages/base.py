@@ -1,0 +1,68 @@
+"""The Stage interface: a training-free token selection or merge that runs at one site."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from ..budget import validate_keep
+from ..sites import Site
+from ..tokens import Keep, TokenSet
+
+
+@dataclass
+class Stage:
+    """Base class of every stage. Subclasses are dataclasses whose fields are their options.
+
+    A stage declares where it can run (``sites``), the signals it needs from the integration
+    (``signals()``), and ``select(tokens, k) -> Keep``: pure tensor code, deterministic for a given
+    input (and seed).
+    """
+
+    keep: int | float | None = field(
+        default=None,
+        metadata={"help": "tokens per image (int) or fraction of the tokens (float in (0, 1]); "
+                  "None: the budget given to wrap()"},
+    )
+    site: Any = field(default=None, metadata={"help": "where the stage runs, e.g. 'projector' or 'llm(2)'"})
+
+    name: ClassVar[str] = ""
+    #: site kinds this stage can run at
+    site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
+    default_site: ClassVar[str] = "projector"
+    #: False for stages with a fixed reduction (no budget), e.g. a 2x2 pixel shuffle
+    budgeted: ClassVar[bool] = True
+    #: True when the stage produces new (merged) features instead of selecting existing tokens
+    merging: ClassVar[bool] = False
+    #: budget used when neither the stage nor wrap() gives one (None: a budget is required)
+    default_keep: ClassVar[int | float | None] = None
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            validate_keep(self.keep, f"{self.name or type(self).__name__}.keep")
+        self.site = Site.parse(self.site if self.site is not None else self.default_site)
+        if self.site.kind not in self.site_kinds:
+            accepted = ", ".join(_site_example(kind) for kind in self.site_kinds)
+            raise ValueError(f"stage {self.name!r} cannot run at {self.site}; accepted sites: {accepted}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def signals(self) -> dict[str, dict[str, Any]]:
+        """Signals the integration must compute for this stage, by name, with their parameters."""
+        return {}
+
+    def select(self, tokens: TokenSet, k: int) -> Keep:
+        """Return which ``k`` tokens of each row to keep (or how to merge them into ``k``)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        options = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in ("site",)
+        )
+        return f"{self.name}@{self.site}({options})"
+
+
+def _site_example(kind: str) -> str:
+    return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)"}[kind]
