@@ -13,7 +13,6 @@ Nothing of the model's own code is copied; ``remove`` deletes the hook and the i
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -210,6 +209,7 @@ class HFVisionLanguage(Integration):
             after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=group.scoring_seconds)
             mask = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=group.features.device)
             mask.scatter_(1, keep.indices, True)
+            self.stats.kept.setdefault(str(site), []).extend(keep.indices)
             kept_features.append(after.features.reshape(-1, after.features.shape[-1]))
             keep_masks.append(mask)
         return torch.cat(kept_features), torch.cat([m.reshape(-1) for m in keep_masks])
@@ -245,13 +245,6 @@ class HFVisionLanguage(Integration):
             return packing.gather(values.expand(batch, -1), pad_value=pad_value)
         moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
         return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
-
-
-def timed_signal(device: torch.device) -> float:
-    """Wall-clock time that counts GPU work (synchronises on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _equal_rows(packing: Packing) -> bool:

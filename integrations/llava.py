@@ -24,7 +24,9 @@ from torch import Tensor
 from vtoken import kernels
 from vtoken.registry import register_integration
 
-from .hf_vlm import HFVisionLanguage, ImageTokens, timed_signal
+from vtoken.stats import clock
+
+from .hf_vlm import HFVisionLanguage, ImageTokens
 
 
 @register_integration("llava")
@@ -66,11 +68,11 @@ class LlavaIntegration(HFVisionLanguage):
         side = int(round(n_tokens ** 0.5))
         grid = (side, side) if side * side == n_tokens else None
         computed: dict[str, Tensor] = {}
-        start = timed_signal(features.device)
+        start = clock(features.device)
         if "cls_attn" in signals:
             rows = torch.stack([self._cls_row(captured[index], index) for index in wanted_layers]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
-        scoring = timed_signal(features.device) - start
+        scoring = clock(features.device) - start
         return [ImageTokens(features=features, grid=grid, signals=computed, scoring_seconds=scoring)]
 
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:

@@ -9,7 +9,6 @@ importance and the rest by diversity among the remaining tokens, with no special
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from .budget import resolve_keep, validate_keep
 from .sites import Site
 from .stages.base import Stage
-from .stats import StageRecord, Stats
+from .stats import StageRecord, Stats, clock
 from .tokens import Keep, TokenSet
 
 
@@ -138,9 +137,9 @@ class Pipeline:
         result_keep: Keep | None = None
         for rank, (stage, k) in enumerate(zip(stages, budgets)):
             view = tokens if rank == 0 else tokens.take(remaining)
-            start = _now(device)
+            start = clock(device)
             keep = stage.select(view, k)
-            seconds = _now(device) - start
+            seconds = clock(device) - start
             check_keep(keep, view, k, stage.name)
             if stats is not None:
                 stats.add(StageRecord(
@@ -179,12 +178,6 @@ def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
         raise RuntimeError(f"stage {stage} returned positions that are not strictly ascending")
     if keep.features is not None and keep.features.shape[:2] != idx.shape:
         raise RuntimeError(f"stage {stage} returned merged features not matching its {k} kept tokens")
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _missing_budget(stage: Stage, site: Site, pipeline: Pipeline) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -28,10 +31,14 @@ class Stats:
     records: list[StageRecord] = field(default_factory=list)
     #: visual tokens each decoder layer saw in the last prefill (per sample, first sample of the batch)
     llm_layer_tokens: list[int] = field(default_factory=list)
+    #: per site, one entry per row (image at the projector, sample at llm(K)): the kept positions in
+    #: that site's token order (for a merging stage, the central token of each merged group)
+    kept: dict[str, list] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.records.clear()
         self.llm_layer_tokens = []
+        self.kept = {}
 
     def add(self, record: StageRecord) -> None:
         for existing in self.records:
@@ -58,3 +65,10 @@ class Stats:
                 f"{r.scoring_ms:>11.3f} {r.select_ms:>10.3f}"
             )
         return "\n".join(lines)
+
+
+def clock(device: torch.device) -> float:
+    """Wall-clock seconds that include queued GPU work (synchronises on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
