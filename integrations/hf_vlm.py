@@ -210,6 +210,8 @@ class HFVisionLanguage(Integration):
             mask = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=group.features.device)
             mask.scatter_(1, keep.indices, True)
             self.stats.kept.setdefault(str(site), []).extend(keep.indices)
+            if keep.assign is not None:
+                self.stats.merged.setdefault(str(site), []).extend(keep.assign)
             kept_features.append(after.features.reshape(-1, after.features.shape[-1]))
             keep_masks.append(mask)
         return torch.cat(kept_features), torch.cat([m.reshape(-1) for m in keep_masks])

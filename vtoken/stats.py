@@ -34,11 +34,14 @@ class Stats:
     #: per site, one entry per row (image at the projector, sample at llm(K)): the kept positions in
     #: that site's token order (for a merging stage, the central token of each merged group)
     kept: dict[str, list] = field(default_factory=dict)
+    #: per site with a merging stage, one entry per image: the merged token each input token went to
+    merged: dict[str, list] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.records.clear()
         self.llm_layer_tokens = []
         self.kept = {}
+        self.merged = {}
 
     def add(self, record: StageRecord) -> None:
         for existing in self.records:
