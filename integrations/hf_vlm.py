@@ -30,12 +30,24 @@ POSITION_MODES = ("compact", "original")
 
 
 @dataclass
-class ImageTokens:
-    """One group of same-size images at the projector: features ``[n, N, D]`` in placeholder order."""
+class VisualUnit:
+    """One budget unit at the projector (an image, a video clip, or one frame of a clip).
 
+    token_id: the placeholder token its features replace in ``input_ids``; units of one placeholder
+              kind fill that kind's placeholders in order.
+    features: ``[N, D]`` features after the projector; grid: ``(h, w)`` when they form one.
+    signals:  per-token signals ``[N, ...]`` the stages asked for.
+    """
+
+    token_id: int
     features: Tensor
     grid: tuple[int, int] | None
     signals: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    units: list[VisualUnit]
     scoring_seconds: float = 0.0
 
 
@@ -60,9 +72,9 @@ class HFVisionLanguage(Integration):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> list[ImageTokens]:
-        """Image features after the projector, grouped by size, in placeholder order, with the
-        requested per-token signals."""
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> Encoded:
+        """Visual features after the projector, one unit per image (or clip/frame), in placeholder
+        order, with the requested per-token signals."""
         raise NotImplementedError
 
     def default_positions(self, inputs: dict[str, Any], for_generate: bool) -> Tensor:
@@ -72,6 +84,16 @@ class HFVisionLanguage(Integration):
         if for_generate and mask is not None:
             return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+    def compact_positions(self, mask: Tensor, inputs: dict[str, Any], for_generate: bool) -> Tensor | None:
+        """Position ids for the shrunk sequence with positions='compact'; None lets the model count
+        them itself (as it would for a prompt that simply had fewer tokens)."""
+        if inputs.get("position_ids") is None:
+            return None
+        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    def after_prepare(self, prepared: dict[str, Any]) -> None:
+        """Model-specific bookkeeping once the shrunk inputs are known (e.g. Qwen's rope deltas)."""
 
     def extra_sequence_inputs(self) -> tuple[str, ...]:
         """Other per-position inputs that shrink with the sequence (e.g. ``mm_token_type_ids``)."""
@@ -149,22 +171,26 @@ class HFVisionLanguage(Integration):
         self.stats.reset()
         projector = Site("projector")
         run_projector = projector in self.pipeline.sites
-        groups = self.encode_images(inputs, self.pipeline.signals_at(projector) if run_projector else {})
-        image_mask = input_ids == self.image_token_id()
-        features, keep_image_tokens = self._run_projector(groups, projector if run_projector else None)
+        encoded = self.encode_images(inputs, self.pipeline.signals_at(projector) if run_projector else {})
+        kept = self._run_projector(encoded, projector if run_projector else None)
 
-        embeds = self.model.get_input_embeddings()(input_ids)
-        if int(image_mask.sum()) != keep_image_tokens.numel():
-            raise ValueError(
-                f"the prompt holds {int(image_mask.sum())} image tokens but the images give "
-                f"{keep_image_tokens.numel()} features; check the processor and the model match"
-            )
-        seq_keep = ~image_mask
-        seq_keep[image_mask] = keep_image_tokens.reshape(-1)
-        embeds = embeds.clone()
-        embeds[image_mask & seq_keep] = features.to(embeds.dtype)
+        embeds = self.model.get_input_embeddings()(input_ids).clone()
+        seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
+        image_mask = torch.zeros_like(seq_keep)
+        for token_id in dict.fromkeys(unit.token_id for unit in encoded.units):
+            placeholders = input_ids == token_id
+            mine = [i for i, unit in enumerate(encoded.units) if unit.token_id == token_id]
+            keep_flat = torch.cat([kept[i][1] for i in mine])
+            if int(placeholders.sum()) != keep_flat.numel():
+                raise ValueError(
+                    f"the prompt holds {int(placeholders.sum())} placeholder tokens (id {token_id}) but the visual "
+                    f"inputs give {keep_flat.numel()} features; check that the processor and the model match"
+                )
+            seq_keep[placeholders] = keep_flat
+            embeds[placeholders & seq_keep] = torch.cat([kept[i][0] for i in mine]).to(embeds.dtype)
+            image_mask |= placeholders
 
-        units = self._images_per_row(image_mask, groups)
+        units = self._units_per_row(input_ids, encoded.units)
         out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k != "input_ids"}
         mask = inputs.get("attention_mask")
         positions = self._positions(inputs, for_generate)
@@ -177,7 +203,8 @@ class HFVisionLanguage(Integration):
         else:
             packing = pack_rows(seq_keep, mask)
             out["inputs_embeds"] = packing.gather(embeds)
-            out["attention_mask"] = packing.mask if mask is not None or not _equal_rows(packing) else None
+            # always explicit: without a mask, models treat position ids with gaps as packed sequences
+            out["attention_mask"] = packing.mask
             visual = packing.gather(image_mask, pad_value=False)
             if "labels" in inputs and inputs["labels"] is not None:
                 out["labels"] = packing.gather(inputs["labels"], pad_value=-100)
@@ -185,49 +212,64 @@ class HFVisionLanguage(Integration):
                 if inputs.get(key) is not None:
                     out[key] = self._gather_sequence(packing, inputs[key])
             if positions is not None:
-                out["position_ids"] = self._gather_positions(packing, positions)
-            elif inputs.get("position_ids") is not None:
-                new_mask = packing.mask
-                out["position_ids"] = (new_mask.cumsum(-1) - 1).masked_fill(new_mask == 0, 0)
+                out["position_ids"] = self._gather_sequence(packing, positions, pad_value=0)
+            else:
+                compact = self.compact_positions(packing.mask, inputs, for_generate)
+                if compact is not None:
+                    out["position_ids"] = compact
         if for_generate:
             pad = _pad_id(self.model, input_ids)
             out["input_ids"] = input_ids if packing is None else packing.gather(input_ids, pad_value=pad)
+        self.after_prepare(out)
         if self.decoder is not None:
             self.decoder.expect_prefill(Prefill(visual=visual, units=units, attention_mask=out.get("attention_mask")))
         return out
 
-    def _run_projector(self, groups: list[ImageTokens], site: Site | None) -> tuple[Tensor, Tensor]:
-        """Kept features of all images in placeholder order, and the keep mask of every image token."""
-        kept_features, keep_masks = [], []
-        for group in groups:
-            n_images, n_tokens = group.features.shape[:2]
-            if site is None:
-                kept_features.append(group.features.reshape(-1, group.features.shape[-1]))
-                keep_masks.append(torch.ones(n_images, n_tokens, dtype=torch.bool, device=group.features.device))
-                continue
-            tokens = TokenSet.from_features(group.features, grid=group.grid, signals=group.signals)
-            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=group.scoring_seconds)
-            mask = torch.zeros(n_images, n_tokens, dtype=torch.bool, device=group.features.device)
-            mask.scatter_(1, keep.indices, True)
-            self.stats.kept.setdefault(str(site), []).extend(keep.indices)
-            if keep.assign is not None:
-                self.stats.merged.setdefault(str(site), []).extend(keep.assign)
-            kept_features.append(after.features.reshape(-1, after.features.shape[-1]))
-            keep_masks.append(mask)
-        return torch.cat(kept_features), torch.cat([m.reshape(-1) for m in keep_masks])
+    def _run_projector(self, encoded: Encoded, site: Site | None) -> list[tuple[Tensor, Tensor]]:
+        """Per unit: the features that stay ``[K, D]`` and the keep mask of its tokens ``[N]``.
 
-    def _images_per_row(self, image_mask: Tensor, groups: list[ImageTokens]) -> Tensor:
-        sizes = [g.features.shape[1] for g in groups for _ in range(g.features.shape[0])]
-        counts, row_tokens = [], image_mask.sum(1).tolist()
-        cursor = 0
-        for tokens in row_tokens:
-            images, total = 0, 0
-            while total < tokens:
-                total += sizes[cursor]
-                cursor += 1
-                images += 1
-            counts.append(images)
-        return torch.tensor(counts, device=image_mask.device)
+        Units of the same size and grid are selected together in one batch; stages treat rows
+        independently, so this gives the same result as one unit at a time.
+        """
+        units = encoded.units
+        if site is None:
+            return [(u.features, torch.ones(u.features.shape[0], dtype=torch.bool, device=u.features.device))
+                    for u in units]
+        groups: dict[tuple, list[int]] = {}
+        for i, unit in enumerate(units):
+            groups.setdefault((tuple(unit.features.shape), unit.grid), []).append(i)
+        result: list[tuple[Tensor, Tensor] | None] = [None] * len(units)
+        kept_record: list[Tensor | None] = [None] * len(units)
+        merged_record: list[Tensor | None] = [None] * len(units)
+        for (_, grid), members in groups.items():
+            tokens = TokenSet.from_features(
+                torch.stack([units[i].features for i in members]), grid=grid,
+                signals={name: torch.stack([units[i].signals[name] for i in members])
+                         for name in units[members[0]].signals},
+            )
+            share = encoded.scoring_seconds * len(members) / len(units)
+            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share)
+            mask = torch.zeros(tokens.features.shape[:2], dtype=torch.bool, device=tokens.features.device)
+            mask.scatter_(1, keep.indices, True)
+            for row, i in enumerate(members):
+                result[i] = (after.features[row], mask[row])
+                kept_record[i] = keep.indices[row]
+                merged_record[i] = None if keep.assign is None else keep.assign[row]
+        self.stats.kept[str(site)] = kept_record
+        if any(m is not None for m in merged_record):
+            self.stats.merged[str(site)] = merged_record
+        return result
+
+    def _units_per_row(self, input_ids: Tensor, units: list[VisualUnit]) -> Tensor:
+        """How many visual units (images, clips or frames) each row of the batch holds."""
+        counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        for token_id in dict.fromkeys(unit.token_id for unit in units):
+            sizes = iter([u.features.shape[0] for u in units if u.token_id == token_id])
+            for row, tokens in enumerate((input_ids == token_id).sum(1).tolist()):
+                while tokens > 0:
+                    tokens -= next(sizes)
+                    counts[row] += 1
+        return counts.to(input_ids.device)
 
     def _positions(self, inputs: dict[str, Any], for_generate: bool) -> Tensor | None:
         """Original position ids to keep (positions='original'), or None to let the model count anew."""
@@ -237,9 +279,6 @@ class HFVisionLanguage(Integration):
             return inputs["position_ids"]
         return self.default_positions(inputs, for_generate)
 
-    def _gather_positions(self, packing: Packing, positions: Tensor) -> Tensor:
-        return self._gather_sequence(packing, positions, pad_value=0)
-
     def _gather_sequence(self, packing: Packing, values: Tensor, pad_value: Any = None) -> Tensor:
         """Gather a per-position tensor whose last dim is the sequence (``[B, L]`` or ``[C, B, L]``)."""
         batch = packing.index.shape[0]
@@ -247,10 +286,6 @@ class HFVisionLanguage(Integration):
             return packing.gather(values.expand(batch, -1), pad_value=pad_value)
         moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
         return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
-
-
-def _equal_rows(packing: Packing) -> bool:
-    return bool(packing.mask.all())
 
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:

@@ -26,7 +26,7 @@ from vtoken.registry import register_integration
 
 from vtoken.stats import clock
 
-from .hf_vlm import HFVisionLanguage, ImageTokens
+from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
 
 
 @register_integration("llava")
@@ -42,7 +42,7 @@ class LlavaIntegration(HFVisionLanguage):
         # CLIPVisionModel holds the encoder directly in transformers 5.x; older layouts nest a vision_model
         return getattr(tower, "vision_model", tower).encoder.layers
 
-    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> list[ImageTokens]:
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> Encoded:
         config = self.model.config
         layer = inputs.get("vision_feature_layer") or config.vision_feature_layer
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
@@ -73,7 +73,13 @@ class LlavaIntegration(HFVisionLanguage):
             rows = torch.stack([self._cls_row(captured[index], index) for index in wanted_layers]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
         scoring = clock(features.device) - start
-        return [ImageTokens(features=features, grid=grid, signals=computed, scoring_seconds=scoring)]
+        token_id = self.image_token_id()
+        units = [
+            VisualUnit(token_id=token_id, features=features[i], grid=grid,
+                       signals={name: value[i] for name, value in computed.items()})
+            for i in range(features.shape[0])
+        ]
+        return Encoded(units=units, scoring_seconds=scoring)
 
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
         """Encoder layer indices whose [CLS] attention is needed (hidden state h comes out of layer h-1)."""
