@@ -2,5 +2,6 @@
 
 from .base import Integration
 from .llava import LlavaIntegration
+from .qwen2_vl import Qwen2VLIntegration
 
-__all__ = ["Integration", "LlavaIntegration"]
+__all__ = ["Integration", "LlavaIntegration", "Qwen2VLIntegration"]

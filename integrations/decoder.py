@@ -134,7 +134,8 @@ class DecoderSites:
         for row in range(batch):
             key = (int(visual[row].sum()), int(text[row].sum()), int(call.units[row]))
             groups.setdefault(key, []).append(row)
-        stay = alive & ~visual
+        # padding is dropped as well: the short rows are refilled with dead slots below
+        stay = attend & ~visual
         kept_record = self.stats.kept.setdefault(str(site), [None] * batch)
         for (n_visual, _, units), rows in groups.items():
             if n_visual == 0:
@@ -226,7 +227,7 @@ class DecoderSites:
                 return None  # causal over the kept tokens, which stay in order: SDPA's is_causal still holds
             size = index.shape[1]
             causal = torch.ones(size, size, dtype=torch.bool, device=index.device).tril()
-            return (causal[None] & ~dead[:, None, :])[:, None]
+            return _mask_columns(causal[None, None].expand(index.shape[0], 1, size, size), dead)
         if not isinstance(mask, Tensor):
             raise ValueError(f"the llm(K) site supports eager, sdpa and flash attention masks; got {type(mask).__name__}")
         if mask.dim() == 2:
@@ -296,10 +297,18 @@ def _positions(mask: Tensor) -> Tensor:
 
 
 def _mask_columns(mask: Tensor, dead: Tensor) -> Tensor:
+    """Hide dead key columns from every query. A dead query still sees itself, so that no softmax row
+    is empty (an empty row gives NaN, and NaN values leak through zero weights)."""
     blocked = dead[:, None, None, :]
+    if mask.shape[-2] == mask.shape[-1]:
+        eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+        blocked = blocked & ~(eye & dead[:, None, :, None])
     if mask.dtype == torch.bool:
         return mask & ~blocked
-    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+    keep = mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+    if mask.shape[-2] == mask.shape[-1]:
+        keep = keep.masked_fill(eye & dead[:, None, :, None], 0.0)
+    return keep
 
 
 def _last_prompt_position(attend: Tensor) -> Tensor:

@@ -59,3 +59,86 @@ def llava_batch(prompts: list[list[int]], images: int = 1, side: str = "left", s
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(n_images, 3, GRID * 14, GRID * 14, generator=generator)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+# --- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------
+Q_IMAGE, Q_VIDEO, Q_START, Q_END = 5, 6, 7, 8
+Q_PATCH = 2  # tiny patches: pixel rows are 3 * 2 (temporal) * 2 * 2 = 24 values
+
+
+def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int = 0):
+    """A Qwen2-VL (version '2') or Qwen2.5-VL (version '2.5') shaped model with 2x2 merging."""
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as cls
+
+        vision = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=Q_PATCH,
+                      temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
+                               video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    else:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as cls
+
+        vision = dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                      patch_size=Q_PATCH, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
+                      window_size=8, fullatt_block_indexes=[1, 3])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
+                                  video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    config._attn_implementation = attn_implementation
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
+    model = cls(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def qwen_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
+    """Build Qwen inputs. Each row is a list of items: ints (text tokens), ("image", h, w) with h, w in
+    patches (multiples of 2), or ("video", t, h, w)."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences, types, image_grids, video_grids, image_pixels, video_pixels = [], [], [], [], [], []
+    for row in rows:
+        ids, kinds = [BOS], [0]
+        for item in row:
+            if isinstance(item, int):
+                ids.append(item)
+                kinds.append(0)
+                continue
+            if item[0] == "image":
+                t, h, w = 1, item[1], item[2]
+                image_grids.append([t, h, w])
+                image_pixels.append(torch.randn(t * h * w, 3 * 2 * Q_PATCH * Q_PATCH, generator=generator))
+                token, kind = Q_IMAGE, 1
+            else:
+                t, h, w = item[1], item[2], item[3]
+                video_grids.append([t, h, w])
+                video_pixels.append(torch.randn(t * h * w, 3 * 2 * Q_PATCH * Q_PATCH, generator=generator))
+                token, kind = Q_VIDEO, 2
+            count = t * h * w // 4
+            ids += [Q_START] + [token] * count + [Q_END]
+            kinds += [0] + [kind] * count + [0]
+        sequences.append(ids)
+        types.append(kinds)
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mm_types = torch.zeros_like(input_ids, dtype=torch.int)
+    mask = torch.zeros_like(input_ids)
+    for r, (ids, kinds) in enumerate(zip(sequences, types)):
+        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[r, span] = torch.tensor(ids)
+        mm_types[r, span] = torch.tensor(kinds, dtype=torch.int)
+        mask[r, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": mm_types}
+    if image_grids:
+        batch["pixel_values"] = torch.cat(image_pixels)
+        batch["image_grid_thw"] = torch.tensor(image_grids)
+    if video_grids:
+        batch["pixel_values_videos"] = torch.cat(video_pixels)
+        batch["video_grid_thw"] = torch.tensor(video_grids)
+    return batch
