@@ -25,6 +25,7 @@ from vtoken.tokens import TokenSet
 
 from .base import Integration
 from .decoder import DecoderSites
+from .vit_sites import EncoderLayout, EncoderSites
 
 POSITION_MODES = ("compact", "original")
 
@@ -43,6 +44,14 @@ class VisualUnit:
     features: Tensor
     grid: tuple[int, int] | None
     signals: dict[str, Tensor] = field(default_factory=dict)
+    #: after pruning inside the vision encoder: the placeholder slot (original token index) of each
+    #: feature, ascending, and how many placeholders the unit has; None when every slot has a feature
+    index: Tensor | None = None
+    placeholders: int | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.placeholders if self.placeholders is not None else self.features.shape[0]
 
 
 @dataclass
@@ -68,6 +77,10 @@ class HFVisionLanguage(Integration):
     # --- what a model family provides ------------------------------------------------------------
     def language_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def encoder_layout(self) -> "EncoderLayout":
+        """The vision encoder as a batched ViT, for ``vision(L)`` sites."""
+        raise ValueError(f"{self.name} has no vision(L) site")
 
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -118,6 +131,10 @@ class HFVisionLanguage(Integration):
         self.model.__dict__["generate"] = generate
         llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
         self.decoder = DecoderSites(self, self.language_model(), llm_sites) if llm_sites else None
+        vision_sites = [site for site in self.pipeline.sites if site.kind == "vision"]
+        self.encoder_sites = (
+            EncoderSites(self.pipeline, self.stats, self.encoder_layout(), vision_sites) if vision_sites else None
+        )
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -130,6 +147,9 @@ class HFVisionLanguage(Integration):
         if self.decoder is not None:
             self.decoder.remove()
             self.decoder = None
+        if self.encoder_sites is not None:
+            self.encoder_sites.remove()
+            self.encoder_sites = None
 
     def site_layers(self) -> dict[str, int]:
         return {"llm": len(self.language_model().layers)}
@@ -233,27 +253,28 @@ class HFVisionLanguage(Integration):
         """
         units = encoded.units
         if site is None:
-            return [(u.features, torch.ones(u.features.shape[0], dtype=torch.bool, device=u.features.device))
-                    for u in units]
+            return [(u.features, _slot_mask(u, None)) for u in units]
         groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(units):
-            groups.setdefault((tuple(unit.features.shape), unit.grid), []).append(i)
+            groups.setdefault((tuple(unit.features.shape), unit.grid, unit.slots), []).append(i)
         result: list[tuple[Tensor, Tensor] | None] = [None] * len(units)
         kept_record: list[Tensor | None] = [None] * len(units)
         merged_record: list[Tensor | None] = [None] * len(units)
-        for (_, grid), members in groups.items():
-            tokens = TokenSet.from_features(
-                torch.stack([units[i].features for i in members]), grid=grid,
+        for (_, grid, _), members in groups.items():
+            features = torch.stack([units[i].features for i in members])
+            index = None if units[members[0]].index is None else torch.stack([units[i].index for i in members])
+            tokens = TokenSet(
+                features=features, grid=grid,
+                index=index if index is not None else torch.arange(features.shape[1], device=features.device)
+                .expand(features.shape[:2]),
                 signals={name: torch.stack([units[i].signals[name] for i in members])
                          for name in units[members[0]].signals},
             )
             share = encoded.scoring_seconds * len(members) / len(units)
             after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share)
-            mask = torch.zeros(tokens.features.shape[:2], dtype=torch.bool, device=tokens.features.device)
-            mask.scatter_(1, keep.indices, True)
             for row, i in enumerate(members):
-                result[i] = (after.features[row], mask[row])
-                kept_record[i] = keep.indices[row]
+                result[i] = (after.features[row], _slot_mask(units[i], after.index[row]))
+                kept_record[i] = after.index[row]
                 merged_record[i] = None if keep.assign is None else keep.assign[row]
         self.stats.kept[str(site)] = kept_record
         if any(m is not None for m in merged_record):
@@ -264,7 +285,7 @@ class HFVisionLanguage(Integration):
         """How many visual units (images, clips or frames) each row of the batch holds."""
         counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
         for token_id in dict.fromkeys(unit.token_id for unit in units):
-            sizes = iter([u.features.shape[0] for u in units if u.token_id == token_id])
+            sizes = iter([u.slots for u in units if u.token_id == token_id])
             for row, tokens in enumerate((input_ids == token_id).sum(1).tolist()):
                 while tokens > 0:
                     tokens -= next(sizes)
@@ -286,6 +307,16 @@ class HFVisionLanguage(Integration):
             return packing.gather(values.expand(batch, -1), pad_value=pad_value)
         moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
         return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
+
+
+def _slot_mask(unit: VisualUnit, kept_index: Tensor | None) -> Tensor:
+    """Which of the unit's placeholders keep a feature, given the original indices that survive."""
+    if kept_index is None:
+        kept_index = unit.index
+    mask = torch.zeros(unit.slots, dtype=torch.bool, device=unit.features.device)
+    if kept_index is None:
+        return mask.fill_(True)
+    return mask.index_fill_(0, kept_index, True)
 
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:

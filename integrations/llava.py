@@ -27,6 +27,7 @@ from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
+from .vit_sites import EncoderLayout
 
 
 @register_integration("llava")
@@ -36,6 +37,33 @@ class LlavaIntegration(HFVisionLanguage):
 
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
+
+    def site_layers(self) -> dict[str, int]:
+        return {"llm": len(self.language_model().layers), "vision": len(self.vision_layers())}
+
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        return ("vision", "projector", "llm")
+
+    def encoder_layout(self) -> EncoderLayout:
+        config = self.model.config.vision_config
+        side = config.image_size // config.patch_size
+        return EncoderLayout(blocks=self.vision_layers(), prefix=1, grid=(side, side),
+                             mlp=lambda block: block.mlp, cls_row=self._cls_row)
+
+    def check_sites(self) -> None:
+        super().check_sites()
+        self._check_vision_sites(self.model.config.vision_feature_layer)
+
+    def _check_vision_sites(self, feature_layer: int | list[int]) -> None:
+        """Pruning must happen before the block that produces the feature layer (hidden state h comes out
+        of block h-1), so that the features LLaVA reads are the pruned ones."""
+        count = len(self.vision_layers())
+        layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+        first_block = min((h if h >= 0 else count + 1 + h) - 1 for h in layers)
+        for site in self.pipeline.sites:
+            if site.kind == "vision" and site.layer >= first_block:
+                raise ValueError(f"{site} is at or after the vision feature layer's block ({first_block}); "
+                                 f"accepted: vision(L) with 0 <= L < {first_block} (or prune at the projector)")
 
     def vision_layers(self) -> torch.nn.ModuleList:
         tower = self.model.model.vision_tower
@@ -48,6 +76,8 @@ class LlavaIntegration(HFVisionLanguage):
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         pixel_values = inputs["pixel_values"]
         wanted_layers = self._cls_layers(signals, layer)
+        if self.encoder_sites is not None:
+            self._check_vision_sites(layer)
         captured: dict[int, Tensor] = {}
         handles = [
             self.vision_layers()[index].register_forward_pre_hook(_capture_into(captured, index), with_kwargs=True)
@@ -64,19 +94,25 @@ class LlavaIntegration(HFVisionLanguage):
                 handle.remove()
         features = output.pooler_output
         features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-        n_tokens = features.shape[1]
-        side = int(round(n_tokens ** 0.5))
-        grid = (side, side) if side * side == n_tokens else None
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        grid, index, slots = (side, side), None, None
+        if self.encoder_sites is not None and self.encoder_sites.index is not None:
+            grid, index, slots = self.encoder_sites.grid, self.encoder_sites.index, side * side
+        if strategy != "default":
+            grid = None  # [CLS] is one of the tokens: no pure grid
         computed: dict[str, Tensor] = {}
         start = clock(features.device)
         if "cls_attn" in signals:
-            rows = torch.stack([self._cls_row(captured[index], index) for index in wanted_layers]).mean(0)
+            rows = torch.stack([
+                self._cls_row(self.vision_layers()[i], captured[i]) for i in wanted_layers
+            ]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
         scoring = clock(features.device) - start
         token_id = self.image_token_id()
         units = [
             VisualUnit(token_id=token_id, features=features[i], grid=grid,
-                       signals={name: value[i] for name, value in computed.items()})
+                       signals={name: value[i] for name, value in computed.items()},
+                       index=None if index is None else index[i], placeholders=slots)
             for i in range(features.shape[0])
         ]
         return Encoded(units=units, scoring_seconds=scoring)
@@ -100,9 +136,8 @@ class LlavaIntegration(HFVisionLanguage):
             indices.append(absolute - 1)
         return indices
 
-    def _cls_row(self, hidden: Tensor, index: int) -> Tensor:
-        """[CLS] attention over all tokens in encoder layer ``index``, mean over heads: ``[B, N]``."""
-        layer = self.vision_layers()[index]
+    def _cls_row(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+        """[CLS] attention over all tokens in a CLIP encoder layer, mean over heads: ``[B, N]``."""
         attention = layer.self_attn
         normed = layer.layer_norm1(hidden)
         batch, length, _ = normed.shape

@@ -50,12 +50,16 @@ def test_unsupported_model_is_named():
 
 
 def test_stage_at_a_site_it_cannot_run_at():
-    with pytest.raises(ValueError, match="cannot run at llm\\(2\\); accepted sites: projector"):
+    with pytest.raises(ValueError, match="cannot run at llm\\(2\\); accepted sites: projector, vision\\(L\\)"):
         vtoken.wrap(tiny_llava(), "cls_attn", keep=8, site="llm(2)")
 
 
 def test_site_the_model_does_not_have():
-    with pytest.raises(ValueError, match="vision site .* accepted: projector, llm\\(K\\)"):
+    from tiny_models import tiny_qwen
+
+    with pytest.raises(ValueError, match="no vision site .* accepted: projector, llm\\(K\\)"):
+        vtoken.wrap(tiny_qwen("2"), "kcenter", keep=8, site="vision(1)")
+    with pytest.raises(ValueError, match="vision\\(1\\) is at or after the vision feature layer's block"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="vision(1)")
     with pytest.raises(ValueError, match="llm\\(9\\) does not exist .* 1 <= K < 4"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="llm(9)")

@@ -11,13 +11,13 @@ GRID = 12  # 168px / patch 14 -> 12 x 12 = 144 patch tokens per image
 TOKENS_PER_IMAGE = GRID * GRID
 
 
-def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 4):
-    """A LLaVA-1.5-shaped model: CLIP ViT (3 layers) + 2-layer MLP projector + Llama (GQA)."""
+def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 4, vision_layers: int = 3):
+    """A LLaVA-1.5-shaped model: CLIP ViT + 2-layer MLP projector + Llama (GQA)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
         image_size=GRID * 14, patch_size=14, projection_dim=32,
     )
     text = LlamaConfig(

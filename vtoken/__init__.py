@@ -12,7 +12,7 @@ from .api import build_pipeline, unwrap, wrap, wrapped
 from .pipeline import Pipeline
 from .registry import list_methods, list_models, register_integration, register_stage
 from .sites import Site
-from .stages import ClsAttn, Dart, FastV, KCenter, Pool, RandomKeep, Stage
+from .stages import ClsAttn, Dart, FastV, KCenter, PixelShuffle, Pool, RandomKeep, RepShift, Stage
 from .stats import Stats
 from .tokens import Keep, TokenSet
 
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "wrap", "unwrap", "wrapped", "build_pipeline", "Pipeline", "list_methods", "list_models",
     "register_stage", "register_integration", "Site", "Stage", "TokenSet", "Keep", "Stats",
-    "ClsAttn", "Dart", "FastV", "KCenter", "Pool", "RandomKeep",
+    "ClsAttn", "Dart", "FastV", "KCenter", "PixelShuffle", "Pool", "RandomKeep", "RepShift",
 ]

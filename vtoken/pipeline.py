@@ -34,6 +34,9 @@ class Pipeline:
             validate_keep(keep)
         self.stages = stages
         self.keep = keep
+        if keep is not None and not any(stage.budgeted for stage in stages):
+            names = ", ".join(stage.name for stage in stages)
+            raise ValueError(f"keep={keep!r} was given, but {names} take(s) no budget (fixed ratio); drop keep")
         self._check_sites()
 
     def _check_sites(self) -> None:
@@ -82,11 +85,11 @@ class Pipeline:
             return self.keep
         return None
 
-    def stage_budgets(self, site: Site, num_tokens: int, units: int) -> list[int]:
+    def stage_budgets(self, site: Site, num_tokens: int, units: int, grid: tuple[int, int] | None = None) -> list[int]:
         """Tokens each stage at ``site`` keeps (commits) out of ``num_tokens`` held by ``units`` images."""
         stages = self.stages_at(site)
         if len(stages) == 1 and not stages[0].budgeted:
-            return [num_tokens]
+            return [stages[0].output_count(num_tokens, grid)]
         site_keep = self._site_budget(site)
         explicit = {i: s.keep for i, s in enumerate(stages) if s.keep is not None}
         if len(stages) == 1:
@@ -128,7 +131,7 @@ class Pipeline:
         """Run the stages at ``site`` on ``tokens``; return the tokens after the site and the combined
         Keep (positions into ``tokens``)."""
         stages = self.stages_at(site)
-        budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units)
+        budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units, tokens.grid)
         per_unit_in = tokens.num_tokens // max(tokens.units, 1)
         device = tokens.features.device
         batch, n = tokens.batch_size, tokens.num_tokens

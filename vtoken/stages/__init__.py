@@ -5,7 +5,9 @@ from .cls_attn import ClsAttn
 from .dart import Dart
 from .fastv import FastV
 from .kcenter import KCenter
+from .pixel_shuffle import PixelShuffle
 from .pool import Pool
 from .random import RandomKeep
+from .repshift import RepShift
 
-__all__ = ["Stage", "ClsAttn", "Dart", "FastV", "KCenter", "Pool", "RandomKeep"]
+__all__ = ["Stage", "ClsAttn", "Dart", "FastV", "KCenter", "PixelShuffle", "Pool", "RandomKeep", "RepShift"]

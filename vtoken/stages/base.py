@@ -29,7 +29,7 @@ class Stage:
     name: ClassVar[str] = ""
     #: site kinds this stage can run at
     site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
-    default_site: ClassVar[str] = "projector"
+    default_site: ClassVar[str | None] = "projector"
     #: False for stages with a fixed reduction (no budget), e.g. a 2x2 pixel shuffle
     budgeted: ClassVar[bool] = True
     #: True when the stage produces new (merged) features instead of selecting existing tokens
@@ -38,6 +38,8 @@ class Stage:
     default_keep: ClassVar[int | float | None] = None
 
     def __post_init__(self) -> None:
+        if self.site is None and self.default_site is None:
+            raise ValueError(f"stage {self.name!r} needs its encoder layer: pass layer=L (or site='vision(L)')")
         if self.keep is not None:
             validate_keep(self.keep, f"{self.name or type(self).__name__}.keep")
         self.site = Site.parse(self.site if self.site is not None else self.default_site)
@@ -48,6 +50,10 @@ class Stage:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def output_count(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
+        """Tokens left after a fixed-ratio (unbudgeted) stage."""
+        raise NotImplementedError
 
     def signals(self) -> dict[str, dict[str, Any]]:
         """Signals the integration must compute for this stage, by name, with their parameters."""

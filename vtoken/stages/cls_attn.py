@@ -5,6 +5,7 @@ Paper: "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs" (
 the encoder layer that produces LLaVA's feature layer (``vision_feature_layer``, -2 for LLaVA-1.5).
 Score: that attention. Selection: the top-k patches, in original order.
 
+At ``vision(L)`` (inside the encoder) the row comes from block L itself and ``layers`` does not apply.
 The integration computes the row from the layer's own q/k projections (one query row, all keys), so
 the vision tower keeps running on SDPA/FlashAttention; no attention map is ever requested.
 """
@@ -29,7 +30,7 @@ class ClsAttn(Stage):
                   "ensemble"},
     )
 
-    site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
+    site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +40,8 @@ class ClsAttn(Stage):
             self.layers = tuple(int(layer) for layer in self.layers)
             if not self.layers:
                 raise ValueError("cls_attn layers must name at least one layer, or be None for the feature layer")
+            if self.site.kind == "vision":
+                raise ValueError("cls_attn at vision(L) scores with block L's own [CLS] row; drop layers=")
 
     def signals(self) -> dict[str, dict[str, Any]]:
         return {"cls_attn": {"layers": self.layers}}

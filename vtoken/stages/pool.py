@@ -31,17 +31,23 @@ class Pool(Stage):
         if tokens.grid is None:
             raise ValueError("pool needs the tokens on their full grid; run it before any selection at its site")
         h, w = tokens.grid
-        a, b = pool_grid(k, h, w)
-        cell = pool_assignment(h, w, a, b, tokens.features.device)  # [N] cell of each token
-        batch, n, dim = tokens.features.shape
-        weights = tokens.token_weights().to(tokens.features.dtype)
-        assign = cell.expand(batch, n)
-        summed = torch.zeros(batch, k, dim, dtype=tokens.features.dtype, device=tokens.features.device)
-        summed.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, dim), tokens.features * weights.unsqueeze(-1))
-        mass = torch.zeros(batch, k, dtype=weights.dtype, device=weights.device).scatter_add_(1, assign, weights)
-        merged = summed / mass.unsqueeze(-1)
-        centre = cell_centres(h, w, a, b, tokens.features.device)
-        return Keep(indices=centre.expand(batch, k), features=merged, assign=assign, grid=(a, b))
+        return merge_cells(tokens, *pool_grid(k, h, w))
+
+
+def merge_cells(tokens: TokenSet, a: int, b: int) -> Keep:
+    """Replace the tokens of each cell of an (a, b) partition of the grid by their weighted mean."""
+    h, w = tokens.grid
+    k = a * b
+    cell = pool_assignment(h, w, a, b, tokens.features.device)  # [N] cell of each token
+    batch, n, dim = tokens.features.shape
+    weights = tokens.token_weights().to(tokens.features.dtype)
+    assign = cell.expand(batch, n)
+    summed = torch.zeros(batch, k, dim, dtype=tokens.features.dtype, device=tokens.features.device)
+    summed.scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, dim), tokens.features * weights.unsqueeze(-1))
+    mass = torch.zeros(batch, k, dtype=weights.dtype, device=weights.device).scatter_add_(1, assign, weights)
+    merged = summed / mass.unsqueeze(-1)
+    centre = cell_centres(h, w, a, b, tokens.features.device)
+    return Keep(indices=centre.expand(batch, k), features=merged, assign=assign, grid=(a, b))
 
 
 def pool_grid(k: int, h: int, w: int) -> tuple[int, int]:
