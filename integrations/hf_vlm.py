@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,33 +31,58 @@ POSITION_MODES = ("compact", "original")
 
 
 @dataclass
-class VisualUnit:
-    """One budget unit at the projector (an image, a video clip, or one frame of a clip).
+class VisualBlock:
+    """The run of placeholder tokens one image (or clip) fills in ``input_ids``.
 
-    token_id: the placeholder token its features replace in ``input_ids``; units of one placeholder
-              kind fill that kind's placeholders in order.
-    features: ``[N, D]`` features after the projector; grid: ``(h, w)`` when they form one.
-    signals:  per-token signals ``[N, ...]`` the stages asked for.
+    Blocks of one ``token_id`` fill that kind's placeholders in order. ``size`` is the number of
+    placeholders. ``fill`` ``[size, D]`` holds the features of structural slots that belong to no unit
+    (LLaVA-NeXT's row-end ``image_newline``); ``finalize`` turns the slots the units keep into the
+    block's final keep mask (e.g. keeping a row's newline when the row keeps any token).
     """
 
     token_id: int
+    size: int
+    fill: Tensor | None = None
+    finalize: Callable[[Tensor], Tensor] | None = None
+
+
+@dataclass
+class VisualUnit:
+    """One budget unit at the projector: an image, a view of an image, a video clip or a frame.
+
+    block:    index of the VisualBlock whose placeholders the unit's features go to.
+    features: ``[N, D]`` features after the projector; grid: ``(h, w)`` when they form one.
+    signals:  per-token signals ``[N, ...]`` the stages asked for.
+    index:    the block slot of each feature, ascending (None: slots 0..N-1).
+    """
+
+    block: int
     features: Tensor
     grid: tuple[int, int] | None
     signals: dict[str, Tensor] = field(default_factory=dict)
-    #: after pruning inside the vision encoder: the placeholder slot (original token index) of each
-    #: feature, ascending, and how many placeholders the unit has; None when every slot has a feature
     index: Tensor | None = None
-    placeholders: int | None = None
 
-    @property
-    def slots(self) -> int:
-        return self.placeholders if self.placeholders is not None else self.features.shape[0]
+    def slots(self) -> Tensor:
+        if self.index is not None:
+            return self.index
+        return torch.arange(self.features.shape[0], device=self.features.device)
 
 
 @dataclass
 class Encoded:
+    blocks: list[VisualBlock]
     units: list[VisualUnit]
     scoring_seconds: float = 0.0
+
+    @classmethod
+    def one_block_per_unit(cls, token_id: int, units: list[VisualUnit], slots: int | None = None,
+                           scoring_seconds: float = 0.0) -> "Encoded":
+        """The common layout: each unit fills its own block (of ``slots`` placeholders, default its size)."""
+        blocks = []
+        for i, unit in enumerate(units):
+            unit.block = i
+            blocks.append(VisualBlock(token_id=token_id, size=slots or unit.features.shape[0]))
+        return cls(blocks=blocks, units=units, scoring_seconds=scoring_seconds)
 
 
 @dataclass
@@ -197,20 +222,22 @@ class HFVisionLanguage(Integration):
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
         image_mask = torch.zeros_like(seq_keep)
-        for token_id in dict.fromkeys(unit.token_id for unit in encoded.units):
+        block_keep, block_values = self._assemble_blocks(encoded, kept)
+        for token_id in dict.fromkeys(block.token_id for block in encoded.blocks):
             placeholders = input_ids == token_id
-            mine = [i for i, unit in enumerate(encoded.units) if unit.token_id == token_id]
-            keep_flat = torch.cat([kept[i][1] for i in mine])
+            mine = [i for i, block in enumerate(encoded.blocks) if block.token_id == token_id]
+            keep_flat = torch.cat([block_keep[i] for i in mine])
             if int(placeholders.sum()) != keep_flat.numel():
                 raise ValueError(
                     f"the prompt holds {int(placeholders.sum())} placeholder tokens (id {token_id}) but the visual "
                     f"inputs give {keep_flat.numel()} features; check that the processor and the model match"
                 )
             seq_keep[placeholders] = keep_flat
-            embeds[placeholders & seq_keep] = torch.cat([kept[i][0] for i in mine]).to(embeds.dtype)
+            values = torch.cat([block_values[i][block_keep[i]] for i in mine])
+            embeds[placeholders & seq_keep] = values.to(embeds.dtype)
             image_mask |= placeholders
 
-        units = self._units_per_row(input_ids, encoded.units)
+        units = self._blocks_per_row(input_ids, encoded.blocks)
         out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k != "input_ids"}
         mask = inputs.get("attention_mask")
         positions = self._positions(inputs, for_generate)
@@ -246,34 +273,31 @@ class HFVisionLanguage(Integration):
         return out
 
     def _run_projector(self, encoded: Encoded, site: Site | None) -> list[tuple[Tensor, Tensor]]:
-        """Per unit: the features that stay ``[K, D]`` and the keep mask of its tokens ``[N]``.
+        """Per unit: the features that stay ``[K, D]`` and the block slots they go to ``[K]``.
 
         Units of the same size and grid are selected together in one batch; stages treat rows
         independently, so this gives the same result as one unit at a time.
         """
         units = encoded.units
         if site is None:
-            return [(u.features, _slot_mask(u, None)) for u in units]
+            return [(u.features, u.slots()) for u in units]
         groups: dict[tuple, list[int]] = {}
         for i, unit in enumerate(units):
-            groups.setdefault((tuple(unit.features.shape), unit.grid, unit.slots), []).append(i)
+            groups.setdefault((tuple(unit.features.shape), unit.grid), []).append(i)
         result: list[tuple[Tensor, Tensor] | None] = [None] * len(units)
         kept_record: list[Tensor | None] = [None] * len(units)
         merged_record: list[Tensor | None] = [None] * len(units)
-        for (_, grid, _), members in groups.items():
+        for (_, grid), members in groups.items():
             features = torch.stack([units[i].features for i in members])
-            index = None if units[members[0]].index is None else torch.stack([units[i].index for i in members])
             tokens = TokenSet(
-                features=features, grid=grid,
-                index=index if index is not None else torch.arange(features.shape[1], device=features.device)
-                .expand(features.shape[:2]),
+                features=features, grid=grid, index=torch.stack([units[i].slots() for i in members]),
                 signals={name: torch.stack([units[i].signals[name] for i in members])
                          for name in units[members[0]].signals},
             )
             share = encoded.scoring_seconds * len(members) / len(units)
             after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share)
             for row, i in enumerate(members):
-                result[i] = (after.features[row], _slot_mask(units[i], after.index[row]))
+                result[i] = (after.features[row], after.index[row])
                 kept_record[i] = after.index[row]
                 merged_record[i] = None if keep.assign is None else keep.assign[row]
         self.stats.kept[str(site)] = kept_record
@@ -281,11 +305,33 @@ class HFVisionLanguage(Integration):
             self.stats.merged[str(site)] = merged_record
         return result
 
-    def _units_per_row(self, input_ids: Tensor, units: list[VisualUnit]) -> Tensor:
-        """How many visual units (images, clips or frames) each row of the batch holds."""
+    def _assemble_blocks(self, encoded: Encoded, kept: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per block: the keep mask of its placeholder slots and the feature each slot receives."""
+        masks, values = [], []
+        for b, block in enumerate(encoded.blocks):
+            mine = [i for i, unit in enumerate(encoded.units) if unit.block == b]
+            dim = kept[mine[0]][0].shape[-1]
+            device = kept[mine[0]][0].device
+            value = block.fill.clone() if block.fill is not None else torch.zeros(
+                block.size, dim, dtype=kept[mine[0]][0].dtype, device=device)
+            mask = torch.zeros(block.size, dtype=torch.bool, device=device)
+            for i in mine:
+                features, slots = kept[i]
+                if slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
+                    raise RuntimeError("kept tokens must stay in placeholder order")
+                mask[slots] = True
+                value[slots] = features.to(value.dtype)
+            if block.finalize is not None:
+                mask = block.finalize(mask)
+            masks.append(mask)
+            values.append(value)
+        return masks, values
+
+    def _blocks_per_row(self, input_ids: Tensor, blocks: list[VisualBlock]) -> Tensor:
+        """How many visual blocks (images or clips: the per-image budget unit) each row holds."""
         counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
-        for token_id in dict.fromkeys(unit.token_id for unit in units):
-            sizes = iter([u.slots for u in units if u.token_id == token_id])
+        for token_id in dict.fromkeys(block.token_id for block in blocks):
+            sizes = iter([block.size for block in blocks if block.token_id == token_id])
             for row, tokens in enumerate((input_ids == token_id).sum(1).tolist()):
                 while tokens > 0:
                     tokens -= next(sizes)
@@ -307,16 +353,6 @@ class HFVisionLanguage(Integration):
             return packing.gather(values.expand(batch, -1), pad_value=pad_value)
         moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
         return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
-
-
-def _slot_mask(unit: VisualUnit, kept_index: Tensor | None) -> Tensor:
-    """Which of the unit's placeholders keep a feature, given the original indices that survive."""
-    if kept_index is None:
-        kept_index = unit.index
-    mask = torch.zeros(unit.slots, dtype=torch.bool, device=unit.features.device)
-    if kept_index is None:
-        return mask.fill_(True)
-    return mask.index_fill_(0, kept_index, True)
 
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:

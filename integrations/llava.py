@@ -95,9 +95,9 @@ class LlavaIntegration(HFVisionLanguage):
         features = output.pooler_output
         features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        grid, index, slots = (side, side), None, None
+        grid, index = (side, side), None
         if self.encoder_sites is not None and self.encoder_sites.index is not None:
-            grid, index, slots = self.encoder_sites.grid, self.encoder_sites.index, side * side
+            grid, index = self.encoder_sites.grid, self.encoder_sites.index
         if strategy != "default":
             grid = None  # [CLS] is one of the tokens: no pure grid
         computed: dict[str, Tensor] = {}
@@ -108,14 +108,14 @@ class LlavaIntegration(HFVisionLanguage):
             ]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
         scoring = clock(features.device) - start
-        token_id = self.image_token_id()
         units = [
-            VisualUnit(token_id=token_id, features=features[i], grid=grid,
+            VisualUnit(block=i, features=features[i], grid=grid,
                        signals={name: value[i] for name, value in computed.items()},
-                       index=None if index is None else index[i], placeholders=slots)
+                       index=None if index is None else index[i])
             for i in range(features.shape[0])
         ]
-        return Encoded(units=units, scoring_seconds=scoring)
+        slots = side * side + (1 if strategy != "default" else 0)
+        return Encoded.one_block_per_unit(self.image_token_id(), units, slots=slots, scoring_seconds=scoring)
 
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
         """Encoder layer indices whose [CLS] attention is needed (hidden state h comes out of layer h-1)."""

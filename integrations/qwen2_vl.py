@@ -38,7 +38,7 @@ from vtoken import kernels
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
-from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
+from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
 
 VIDEO_BUDGETS = ("clip", "frame")
 #: query rows per chunk when summing the attention each patch receives (memory O(chunk x N))
@@ -77,6 +77,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
         config = self.model.config
         merge = self.vision().spatial_merge_size
         units: list[VisualUnit] = []
+        blocks: list[VisualBlock] = []
         scoring = 0.0
         for kind, pixels_key, grid_key, token_id in (
             ("image", "pixel_values", "image_grid_thw", config.image_token_id),
@@ -108,14 +109,16 @@ class Qwen2VLIntegration(HFVisionLanguage):
                 grid = (h // merge, w // merge)
                 per_frame = grid[0] * grid[1]
                 frames = t if kind == "video" and self.settings["video_budget"] == "frame" else 1
+                blocks.append(VisualBlock(token_id=token_id, size=features[item].shape[0]))
                 for frame in range(frames):
                     span = slice(frame * per_frame, (frame + 1) * per_frame) if frames > 1 else slice(None)
                     signal = {} if scores[item] is None else {"cls_attn": scores[item][span]}
+                    slots = torch.arange(features[item].shape[0], device=features[item].device)[span]
                     units.append(VisualUnit(
-                        token_id=token_id, features=features[item][span],
-                        grid=grid if (t == 1 or frames > 1) else None, signals=signal,
+                        block=len(blocks) - 1, features=features[item][span],
+                        grid=grid if (t == 1 or frames > 1) else None, signals=signal, index=slots,
                     ))
-        return Encoded(units=units, scoring_seconds=scoring)
+        return Encoded(blocks=blocks, units=units, scoring_seconds=scoring)
 
     def _score_block(self, signals: dict[str, dict]) -> int | None:
         """The vision block whose attention scores ``cls_attn`` (None when no stage needs it)."""
