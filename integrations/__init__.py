@@ -2,6 +2,7 @@
 
 from .base import Integration
 from .llava import LlavaIntegration
+from .llava_next import LlavaNextIntegration
 from .qwen2_vl import Qwen2VLIntegration
 
-__all__ = ["Integration", "LlavaIntegration", "Qwen2VLIntegration"]
+__all__ = ["Integration", "LlavaIntegration", "LlavaNextIntegration", "Qwen2VLIntegration"]

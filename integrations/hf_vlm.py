@@ -61,6 +61,8 @@ class VisualUnit:
     grid: tuple[int, int] | None
     signals: dict[str, Tensor] = field(default_factory=dict)
     index: Tensor | None = None
+    #: this unit's share of a budget the integration split itself (e.g. over an image's views)
+    budget: int | None = None
 
     def slots(self) -> Tensor:
         if self.index is not None:
@@ -200,7 +202,8 @@ class HFVisionLanguage(Integration):
         if not self._has_images(inputs):
             return original(**inputs)
         original_ids = inputs["input_ids"]
-        prepared = self.prepare(inputs, for_generate=True)
+        with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
+            prepared = self.prepare(inputs, for_generate=True)
         shrunk = prepared["input_ids"].shape[1]
         output = original(**prepared)
         return _restore_prompt(output, original_ids, shrunk)
@@ -282,12 +285,15 @@ class HFVisionLanguage(Integration):
         if site is None:
             return [(u.features, u.slots()) for u in units]
         groups: dict[tuple, list[int]] = {}
-        for i, unit in enumerate(units):
-            groups.setdefault((tuple(unit.features.shape), unit.grid), []).append(i)
         result: list[tuple[Tensor, Tensor] | None] = [None] * len(units)
+        for i, unit in enumerate(units):
+            if unit.budget == 0:  # a view whose share of a split budget is nothing
+                result[i] = (unit.features[:0], unit.slots()[:0])
+                continue
+            groups.setdefault((tuple(unit.features.shape), unit.grid, unit.budget), []).append(i)
         kept_record: list[Tensor | None] = [None] * len(units)
         merged_record: list[Tensor | None] = [None] * len(units)
-        for (_, grid), members in groups.items():
+        for (_, grid, budget), members in groups.items():
             features = torch.stack([units[i].features for i in members])
             tokens = TokenSet(
                 features=features, grid=grid, index=torch.stack([units[i].slots() for i in members]),
@@ -295,7 +301,7 @@ class HFVisionLanguage(Integration):
                          for name in units[members[0]].signals},
             )
             share = encoded.scoring_seconds * len(members) / len(units)
-            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share)
+            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share, total=budget)
             for row, i in enumerate(members):
                 result[i] = (after.features[row], after.index[row])
                 kept_record[i] = after.index[row]

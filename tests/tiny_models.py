@@ -142,3 +142,57 @@ def qwen_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
         batch["pixel_values_videos"] = torch.cat(video_pixels)
         batch["video_grid_thw"] = torch.tensor(video_grids)
     return batch
+
+
+# --- LLaVA-NeXT ----------------------------------------------------------------------------------
+NEXT_SIDE = 4  # 56px views / patch 14 -> 4 x 4 tokens per view
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=NEXT_SIDE * 14, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=PAD)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
+        pad_token_id=PAD,
+    )
+    config._attn_implementation = attn_implementation
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def llava_next_batch(model, rows: list[tuple[list[int], tuple[int, int], list[int]]], seed: int = 0) -> dict:
+    """Rows of (text before, image (height, width) in pixels, text after); one image per row, left padded.
+    The number of <image> tokens per image comes from the model's own packing."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([size for _, size, _ in rows])
+    views = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, 56) for s in sizes]
+    pixels = torch.zeros(len(rows), max(views), 3, 56, 56)
+    for r, count in enumerate(views):
+        pixels[r, :count] = torch.randn(count, 3, 56, 56, generator=generator)
+    with torch.no_grad():
+        packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+    prompts = [[BOS] + before + [IMAGE_TOKEN] * features.shape[0] + after
+               for (before, _, after), features in zip(rows, packed)]
+    batch = llava_batch_ids(prompts)
+    batch.update(pixel_values=pixels, image_sizes=sizes)
+    return batch
+
+
+def llava_batch_ids(prompts: list[list[int]]) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -85,17 +85,28 @@ class Pipeline:
             return self.keep
         return None
 
-    def stage_budgets(self, site: Site, num_tokens: int, units: int, grid: tuple[int, int] | None = None) -> list[int]:
-        """Tokens each stage at ``site`` keeps (commits) out of ``num_tokens`` held by ``units`` images."""
+    def site_keep(self, site: Site) -> int | float | None:
+        """The budget that applies to the whole of ``site`` (None if the stages there set their own)."""
+        stages = self.stages_at(site)
+        if len(stages) == 1:
+            stage = stages[0]
+            for keep in (stage.keep, self._site_budget(site), stage.default_keep):
+                if keep is not None:
+                    return keep
+            return None
+        return self._site_budget(site)
+
+    def stage_budgets(self, site: Site, num_tokens: int, units: int, grid: tuple[int, int] | None = None,
+                      total: int | None = None) -> list[int]:
+        """Tokens each stage at ``site`` keeps (commits) out of ``num_tokens`` held by ``units`` images.
+        ``total`` replaces the site's budget when an integration has already split it (e.g. over views)."""
         stages = self.stages_at(site)
         if len(stages) == 1 and not stages[0].budgeted:
             return [stages[0].output_count(num_tokens, grid)]
-        site_keep = self._site_budget(site)
+        site_keep = self._site_budget(site) if total is None else total
         explicit = {i: s.keep for i, s in enumerate(stages) if s.keep is not None}
         if len(stages) == 1:
-            keep = stages[0].keep if stages[0].keep is not None else site_keep
-            if keep is None:
-                keep = stages[0].default_keep
+            keep = total if total is not None else self.site_keep(site)
             if keep is None:
                 raise ValueError(_missing_budget(stages[0], site, self))
             return [resolve_keep(keep, num_tokens, units, f"keep of {stages[0].name} at {site}")]
@@ -126,12 +137,13 @@ class Pipeline:
         return budgets
 
     def run(
-        self, site: Site, tokens: TokenSet, stats: Stats | None = None, scoring_seconds: float = 0.0
+        self, site: Site, tokens: TokenSet, stats: Stats | None = None, scoring_seconds: float = 0.0,
+        total: int | None = None,
     ) -> tuple[TokenSet, Keep]:
         """Run the stages at ``site`` on ``tokens``; return the tokens after the site and the combined
-        Keep (positions into ``tokens``)."""
+        Keep (positions into ``tokens``). ``total``: an already-split budget for these rows."""
         stages = self.stages_at(site)
-        budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units, tokens.grid)
+        budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units, tokens.grid, total)
         per_unit_in = tokens.num_tokens // max(tokens.units, 1)
         device = tokens.features.device
         batch, n = tokens.batch_size, tokens.num_tokens
