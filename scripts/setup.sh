@@ -12,5 +12,5 @@ if [ "$extras" = "dev" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,kernels,timm,clip,eval,demo]"
   bash scripts/install_browser.sh
 else
-  .venv/bin/python -m pip install -q -e ".[eval]"
+  .venv/bin/python -m pip install -q -e .
 fi

@@ -70,5 +70,22 @@ class Stage:
         return f"{self.name}@{self.site}({options})"
 
 
+@dataclass
+class EncoderStage(Stage):
+    """A stage that runs inside the vision encoder, addressed by ``layer=L`` (shorthand for
+    ``site='vision(L)'``). It has no default layer: where to prune inside an encoder is the user's call."""
+
+    layer: int | None = field(default=None, metadata={"help": "shorthand for site='vision(layer)'"})
+
+    default_site: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        if self.layer is not None:
+            if self.site is not None:
+                raise ValueError(f"{self.name} takes layer= or site=, not both")
+            self.site = f"vision({self.layer})"
+        super().__post_init__()
+
+
 def _site_example(kind: str) -> str:
     return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)"}[kind]

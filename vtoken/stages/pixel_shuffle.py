@@ -22,28 +22,22 @@ import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet
-from .base import Stage
+from .base import EncoderStage
 from .pool import merge_cells
 
 
 @register_stage("pixel_shuffle")
 @dataclass
-class PixelShuffle(Stage):
+class PixelShuffle(EncoderStage):
     ratio: int = field(default=2, metadata={"help": "r: each r x r neighbourhood becomes one token (r=1: no-op)"})
-    layer: int | None = field(default=None, metadata={"help": "shorthand for site='vision(layer)'"})
     residual: Any = field(default=None, metadata={"help": "optional trained merge module [.., r*r*D] -> [.., D] "
                                                   "added to the training-free shortcut"})
 
     site_kinds: ClassVar[tuple[str, ...]] = ("vision", "projector")
-    default_site: ClassVar[str | None] = None
     budgeted: ClassVar[bool] = False
     merging: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.layer is not None:
-            if self.site is not None:
-                raise ValueError("pixel_shuffle takes layer= or site=, not both")
-            self.site = f"vision({self.layer})"
         super().__post_init__()
         if self.keep is not None:
             raise ValueError("pixel_shuffle has a fixed ratio, not a budget: set ratio=r (tokens / r^2)")

@@ -9,28 +9,18 @@ put one RepShift at each ``vision(L)`` site in a Pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import EncoderStage
 
 
 @register_stage("repshift")
 @dataclass
-class RepShift(Stage):
-    layer: int | None = field(default=None, metadata={"help": "shorthand for site='vision(layer)'"})
-
+class RepShift(EncoderStage):
     site_kinds: ClassVar[tuple[str, ...]] = ("vision",)
-    default_site: ClassVar[str | None] = None
-
-    def __post_init__(self) -> None:
-        if self.layer is not None:
-            if self.site is not None:
-                raise ValueError("repshift takes layer= or site=, not both")
-            self.site = f"vision({self.layer})"
-        super().__post_init__()
 
     def signals(self) -> dict[str, Any]:
         return {"mlp_shift": {}}
