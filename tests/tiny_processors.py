@@ -1,0 +1,46 @@
+"""Tokenizers and processors built offline (no hub access), matching tiny_models' token ids."""
+
+from __future__ import annotations
+
+WORDS = "what is the color of object left right red green blue yes no how many a an in image picture".split()
+SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+            "<|vision_end|>"]
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer whose special ids match tiny_models (pad 0, bos 1, <image> 3...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(r"(<\|[a-z_]+\|>|<image>|\s+)", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=SPECIALS[3:],
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_llava_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from tiny_models import GRID
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": GRID * 14},
+                                         crop_size={"height": GRID * 14, "width": GRID * 14})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=word_tokenizer(), patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token="<image>")
+
+
+def tiny_qwen_processor():
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from tiny_models import Q_PATCH
+
+    sizes = dict(patch_size=Q_PATCH, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8, max_pixels=32 * 32)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=word_tokenizer(),
+                            video_processor=Qwen2VLVideoProcessor(**sizes))
