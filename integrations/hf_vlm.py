@@ -109,6 +109,10 @@ class HFVisionLanguage(Integration):
         """The vision encoder as a batched ViT, for ``vision(L)`` sites."""
         raise ValueError(f"{self.name} has no vision(L) site")
 
+    def make_encoder_sites(self, sites: list[Site]) -> Any:
+        """The hooks for ``vision(L)`` sites (a batched ViT by default)."""
+        return EncoderSites(self.pipeline, self.stats, self.encoder_layout(), sites)
+
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
@@ -159,9 +163,7 @@ class HFVisionLanguage(Integration):
         llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
         self.decoder = DecoderSites(self, self.language_model(), llm_sites) if llm_sites else None
         vision_sites = [site for site in self.pipeline.sites if site.kind == "vision"]
-        self.encoder_sites = (
-            EncoderSites(self.pipeline, self.stats, self.encoder_layout(), vision_sites) if vision_sites else None
-        )
+        self.encoder_sites = self.make_encoder_sites(vision_sites) if vision_sites else None
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -34,15 +34,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import kernels
 from vtoken.registry import register_integration
+from vtoken.sites import Site
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
+from .qwen_vision import QwenVisionSites, received_attention
 
 VIDEO_BUDGETS = ("clip", "frame")
-#: query rows per chunk when summing the attention each patch receives (memory O(chunk x N))
-QUERY_CHUNK = 256
 
 
 @register_integration("qwen2_vl")
@@ -65,6 +64,20 @@ class Qwen2VLIntegration(HFVisionLanguage):
 
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
+
+    def site_layers(self) -> dict[str, int]:
+        return {"llm": len(self.language_model().layers), "vision": len(self.vision().blocks)}
+
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        if hasattr(self.vision(), "window_size"):  # Qwen2.5-VL: see qwen_vision.py for why not inside
+            return ("projector", "llm")
+        return ("vision", "projector", "llm")
+
+    def make_encoder_sites(self, sites: list) -> QwenVisionSites:
+        if "cls_attn" in self.pipeline.signals_at(Site("projector")):
+            raise ValueError("on Qwen2-VL, cls_attn at the projector cannot follow vision(L) pruning; "
+                             "run cls_attn at a vision(L) site instead")
+        return QwenVisionSites(self.pipeline, self.stats, self.vision(), sites, self._vision_rotary())
 
     def vision(self) -> torch.nn.Module:
         return self.model.model.visual
@@ -95,16 +108,20 @@ class Qwen2VLIntegration(HFVisionLanguage):
                     lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True
                 )
             try:
-                output = getattr(self.model.model, f"get_{kind}_features")(pixels, grid_thw, return_dict=True)
+                features, pruned = self._visual_features(kind, pixels, grid_thw)
             finally:
                 if handle is not None:
                     handle.remove()
-            features = list(output.pooler_output)
             scores = [None] * len(features)
             if block is not None:
                 start = clock(pixels.device)
                 scores = self._received_attention(block, captured, grid_thw)
                 scoring += clock(pixels.device) - start
+            if pruned is not None:  # pruned inside the tower: one unit per image or clip
+                for item, (index, grid) in enumerate(pruned):
+                    blocks.append(VisualBlock(token_id=token_id, size=int(grid_thw[item].prod()) // merge**2))
+                    units.append(VisualUnit(block=len(blocks) - 1, features=features[item], grid=grid, index=index))
+                continue
             for item, (t, h, w) in enumerate(grid_thw.tolist()):
                 grid = (h // merge, w // merge)
                 per_frame = grid[0] * grid[1]
@@ -119,6 +136,17 @@ class Qwen2VLIntegration(HFVisionLanguage):
                         grid=grid if (t == 1 or frames > 1) else None, signals=signal, index=slots,
                     ))
         return Encoded(blocks=blocks, units=units, scoring_seconds=scoring)
+
+    def _visual_features(self, kind: str, pixels: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list | None]:
+        """Merged features per image or clip, and, after vision(L) pruning, each one's surviving merge
+        groups (original index, grid). The tower is called directly then: the model's own helper
+        splits its output by the unpruned sizes."""
+        if self.encoder_sites is None:
+            output = getattr(self.model.model, f"get_{kind}_features")(pixels, grid_thw, return_dict=True)
+            return list(output.pooler_output), None
+        output = self.vision()(pixels.type(self.vision().dtype), grid_thw=grid_thw)
+        pruned = self.encoder_sites.image_results()
+        return list(torch.split(output.pooler_output, [index.numel() for index, _ in pruned])), pruned
 
     def _score_block(self, signals: dict[str, dict]) -> int | None:
         """The vision block whose attention scores ``cls_attn`` (None when no stage needs it)."""
@@ -144,22 +172,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
         args, kwargs = captured["args"], captured["kwargs"]
         hidden = args[0] if args else kwargs["hidden_states"]
         cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        cos, sin = kwargs["position_embeddings"]
-        attention = block.attn
-        normed = block.norm1(hidden)
-        length = normed.shape[0]
-        q, k, _ = attention.qkv(normed).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
-        q, k = rotary(q, k, cos, sin)
-        received = torch.zeros(length, dtype=torch.float32, device=hidden.device)
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            keys = k[start:end].transpose(0, 1)[None]
-            total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
-            for chunk in range(start, end, QUERY_CHUNK):
-                queries = q[chunk : min(chunk + QUERY_CHUNK, end)].transpose(0, 1)[None]
-                total += kernels.attention_rows(queries, keys, scale=attention.scaling)[0].sum(0)
-            received[start:end] = total / (end - start)
+        received = received_attention(block, hidden, cu_seqlens, kwargs["position_embeddings"],
+                                      self._vision_rotary())
         unit = self.vision().spatial_merge_size ** 2
         merged = received.view(-1, unit).mean(1)
         window_index = self._window_index(grid_thw)
@@ -167,6 +181,9 @@ class Qwen2VLIntegration(HFVisionLanguage):
             merged = merged[torch.argsort(window_index)]
         sizes = (grid_thw.prod(-1) // unit).tolist()
         return list(torch.split(merged, sizes))
+
+    def _vision_rotary(self):
+        return sys.modules[type(self.vision().blocks[0].attn).__module__].apply_rotary_pos_emb_vision
 
     def _window_index(self, grid_thw: Tensor) -> Tensor | None:
         """Qwen2.5-VL's window permutation of merge groups (None for Qwen2-VL, which keeps order)."""

@@ -58,7 +58,7 @@ def test_site_the_model_does_not_have():
     from tiny_models import tiny_qwen
 
     with pytest.raises(ValueError, match="no vision site .* accepted: projector, llm\\(K\\)"):
-        vtoken.wrap(tiny_qwen("2"), "kcenter", keep=8, site="vision(1)")
+        vtoken.wrap(tiny_qwen("2.5"), "kcenter", keep=8, site="vision(1)")
     with pytest.raises(ValueError, match="vision\\(1\\) is at or after the vision feature layer's block"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="vision(1)")
     with pytest.raises(ValueError, match="llm\\(9\\) does not exist .* 1 <= K < 4"):

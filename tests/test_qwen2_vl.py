@@ -178,8 +178,10 @@ def test_cls_attn_substitute_equals_dense_reference(version, block):
     model = tiny_qwen(version)
     batch = qwen_batch(TWO_SIZES)
     expected = received_attention_reference(model, batch, block, window=version == "2.5")
-    integration = vtoken.integrations.Qwen2VLIntegration(model, vtoken.Pipeline([vtoken.ClsAttn(layers=(block,))], keep=4),
-                                                         vtoken.Stats())
+    from vtoken.integrations import Qwen2VLIntegration
+
+    integration = Qwen2VLIntegration(model, vtoken.Pipeline([vtoken.ClsAttn(layers=(block,))], keep=4), vtoken.Stats())
+    integration.encoder_sites = None
     with torch.no_grad():
         encoded = integration.encode_images(batch, {"cls_attn": {"layers": (block,)}})
     for unit, reference in zip(encoded.units, expected):
@@ -202,3 +204,43 @@ def test_unwrap_restores_qwen():
     vtoken.unwrap(model)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, expected)
+
+
+@pytest.mark.parametrize("method,options", [("pixel_shuffle", dict(layer=0, ratio=1)),
+                                            ("kcenter", dict(keep=1.0, site="vision(1)"))])
+def test_vision_site_keep_all_matches_unwrapped(method, options):
+    model = tiny_qwen("2")
+    batch = qwen_batch(TWO_SIZES)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with vtoken.wrapped(model, method, **options):
+            got = model(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,options,kept", [
+    ("pixel_shuffle", dict(layer=0), [6, 2]),
+    ("kcenter", dict(keep=0.5, site="vision(1)"), [12, 4]),
+    ("repshift", dict(keep=2, layer=1), [2, 2]),
+    ("cls_attn", dict(keep=3, site="vision(0)"), [3, 3]),
+])
+def test_vision_site_prunes_whole_merge_groups(method, options, kept):
+    model = tiny_qwen("2")
+    batch = qwen_batch(TWO_SIZES)
+    with vtoken.wrapped(model, method, **options):
+        later = []
+        handle = model.model.visual.blocks[2].register_forward_pre_hook(
+            lambda module, args, kwargs: later.append(args[0].shape[0]), with_kwargs=True)
+        seen, lm_handle = lm_inputs(model)
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        handle.remove(), lm_handle.remove()
+    text = ((batch["input_ids"] != Q_IMAGE) & batch["attention_mask"].bool()).sum(1).tolist()
+    assert seen[0]["attention_mask"].sum(1).tolist() == [text[0] + kept[0], text[1] + kept[1]]
+    assert later[0] == 4 * sum(kept), "later vision blocks see only the kept merge groups (4 patches each)"
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_qwen2_5_refuses_vision_sites_with_the_reason():
+    with pytest.raises(ValueError, match="no vision site"):
+        vtoken.wrap(tiny_qwen("2.5"), "pixel_shuffle", layer=0)

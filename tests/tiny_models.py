@@ -71,7 +71,7 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
     torch.manual_seed(seed)
     text = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, max_position_embeddings=4096,
+        vocab_size=128, max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=2, pad_token_id=PAD,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     )
     if version == "2":
@@ -80,7 +80,8 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
         vision = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=Q_PATCH,
                       temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
-                               video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+                               video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END,
+                               bos_token_id=BOS, eos_token_id=2)
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as cls
 
@@ -88,7 +89,8 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
                       patch_size=Q_PATCH, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
                       window_size=8, fullatt_block_indexes=[1, 3])
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
-                                  video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+                                  video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END,
+                                  bos_token_id=BOS, eos_token_id=2)
     config._attn_implementation = attn_implementation
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = attn_implementation
