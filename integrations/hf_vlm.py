@@ -148,11 +148,19 @@ class HFVisionLanguage(Integration):
         if self.settings["positions"] not in POSITION_MODES:
             raise ValueError(f"positions={self.settings['positions']!r}; accepted: {', '.join(POSITION_MODES)}")
         self.check_sites()
-        self._signature = inspect.signature(type(self.model).forward)
-        self._generate_signature = inspect.signature(type(self.model).generate)
-        self._handles = [self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
+        self._handles, self.decoder, self.encoder_sites = [], None, None
         self._had_generate = "generate" in self.model.__dict__
         self._saved_generate = self.model.__dict__.get("generate")
+        try:
+            self._install_hooks()
+        except BaseException:
+            self.remove()  # a failed wrap leaves no trace
+            raise
+
+    def _install_hooks(self) -> None:
+        self._signature = inspect.signature(type(self.model).forward)
+        self._generate_signature = inspect.signature(type(self.model).generate)
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         original_generate = self.model.generate
         integration = self
 
@@ -161,9 +169,11 @@ class HFVisionLanguage(Integration):
 
         self.model.__dict__["generate"] = generate
         llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
-        self.decoder = DecoderSites(self, self.language_model(), llm_sites) if llm_sites else None
+        if llm_sites:
+            self.decoder = DecoderSites(self, self.language_model(), llm_sites)
         vision_sites = [site for site in self.pipeline.sites if site.kind == "vision"]
-        self.encoder_sites = self.make_encoder_sites(vision_sites) if vision_sites else None
+        if vision_sites:
+            self.encoder_sites = self.make_encoder_sites(vision_sites)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -86,10 +86,18 @@ def test_wrapping_twice_and_unwrapping_unwrapped_models_are_errors():
 
 
 def test_failed_wrap_leaves_model_untouched():
+    from tiny_models import tiny_qwen
+
     model = tiny_llava()
     with pytest.raises(ValueError):
         vtoken.wrap(model, "kcenter", keep=8, site="llm(9)")
     assert not hasattr(model, "vtoken") and "generate" not in model.__dict__
+    qwen = tiny_qwen("2")  # this combination fails after some hooks were already in place
+    pipeline = vtoken.Pipeline([vtoken.PixelShuffle(layer=0), vtoken.ClsAttn(keep=2)])
+    with pytest.raises(ValueError, match="cannot follow vision"):
+        vtoken.wrap(qwen, pipeline)
+    assert not hasattr(qwen, "vtoken") and "generate" not in qwen.__dict__
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in qwen.modules())
 
 
 def test_pipeline_object_and_per_stage_options():
