@@ -1,1 +1,9 @@
-"""placeholder"""
+"""Scoring ops for vtoken stages: Triton kernels on CUDA, a torch reference everywhere else.
+
+Import as ``vtoken.kernels``. Every op computes only what a stage needs (a few attention rows, the
+similarity to a few pivots, one k-center step at a time) and never an N x N attention map.
+"""
+
+from .dispatch import attention_rows, backend_for, cosine_to_pivots, kcenter_select
+
+__all__ = ["attention_rows", "cosine_to_pivots", "kcenter_select", "backend_for"]

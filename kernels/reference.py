@@ -1,0 +1,100 @@
+"""Torch reference implementations of the scoring ops: plain, obviously correct, any device.
+
+They define the semantics the Triton kernels must reproduce (within dtype tolerance; k-center
+indices exactly on inputs without near-ties).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: norms below this are treated as this (cosine of a zero vector is 0, never NaN)
+COSINE_EPS = 1e-6
+
+
+def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
+                   causal_limit: Tensor | None = None) -> Tensor:
+    """Mean over query heads of softmax(q k^T * scale), for a few query rows: ``[B, Q, N]`` float32.
+
+    q ``[B, Hq, Q, d]``; k ``[B, Hk, N, d]`` with Hq a multiple of Hk (grouped-query heads);
+    key_mask ``[B, N]`` bool, True = may be attended; causal_limit ``[B, Q]``: row q attends key j only
+    if j <= causal_limit[b, q]. Disallowed keys get exactly 0; a row with no allowed key is all 0.
+    """
+    batch, heads, rows, dim = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key heads ({kv_heads})")
+    scale = dim ** -0.5 if scale is None else scale
+    keys = k.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("bhqd,bhnd->bhqn", q.float(), keys) * scale
+    allowed = torch.ones(batch, rows, n, dtype=torch.bool, device=q.device)
+    if key_mask is not None:
+        allowed &= key_mask.bool()[:, None, :]
+    if causal_limit is not None:
+        allowed &= torch.arange(n, device=q.device)[None, None, :] <= causal_limit[:, :, None]
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row gives NaN: make it 0
+    return probs.mean(dim=1)
+
+
+def cosine_to_pivots(x: Tensor, pivots: Tensor) -> Tensor:
+    """Cosine similarity of every token to every pivot: x ``[B, N, D]``, pivots ``[B, P, D]`` ->
+    ``[B, P, N]`` float32, with each norm clamped below at COSINE_EPS."""
+    xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    pn = pivots.float() / pivots.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    return pn @ xn.transpose(1, 2)
+
+
+def normalize(x: Tensor) -> Tensor:
+    """Unit-norm rows in float32 (the k-center distance is 1 - cosine)."""
+    return x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def nearest_neighbour_distance(xn: Tensor, valid: Tensor | None = None) -> Tensor:
+    """For unit rows ``[B, N, D]``: each token's distance (1 - cosine) to its nearest other valid token.
+    Invalid tokens get -inf (never picked first)."""
+    distance = 1.0 - xn @ xn.transpose(1, 2)
+    n = xn.shape[1]
+    blocked = torch.eye(n, dtype=torch.bool, device=xn.device)[None]
+    if valid is not None:
+        blocked = blocked | ~valid[:, None, :]
+    nearest = distance.masked_fill(blocked, float("inf")).min(dim=-1).values
+    nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)  # a lone valid token has no neighbour
+    if valid is not None:
+        nearest = nearest.masked_fill(~valid, float("-inf"))
+    return nearest
+
+
+def kcenter_step(xn: Tensor, min_dist: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    """One greedy k-center step: lower each token's min distance with the distance to the token just
+    selected (``last`` ``[B]``), then return it and the next pick (argmax; -inf entries never win)."""
+    chosen = xn.gather(1, last.view(-1, 1, 1).expand(-1, 1, xn.shape[-1]))  # [B, 1, D]
+    distance = 1.0 - (xn @ chosen.transpose(1, 2))[..., 0]
+    min_dist = torch.minimum(min_dist, distance)
+    return min_dist, min_dist.argmax(dim=-1)
+
+
+def kcenter_select(x: Tensor, k: int, *, valid: Tensor | None = None) -> Tensor:
+    """Greedy max-min (k-center) selection on cosine distance, DivPrune's procedure: ``[B, k]`` indices
+    in selection order. First the token whose nearest neighbour is farthest, then repeatedly the token
+    farthest from the selected set. Selected and invalid tokens are never picked (exact duplicates
+    exist); ties go to the lower index."""
+    batch, n, _ = x.shape
+    available = n if valid is None else int(valid.sum(1).min())
+    if k > available:
+        raise ValueError(f"kcenter cannot select {k} tokens from {available} valid ones")
+    xn = normalize(x)
+    rows = torch.arange(batch, device=x.device)
+    first = nearest_neighbour_distance(xn, valid).argmax(dim=-1)
+    picks = [first]
+    blocked = torch.zeros(batch, n, dtype=torch.bool, device=x.device) if valid is None else ~valid
+    blocked[rows, first] = True
+    min_dist = torch.full((batch, n), float("inf"), device=x.device)
+    last = first
+    for _ in range(k - 1):
+        min_dist, _ = kcenter_step(xn, min_dist, last)
+        last = min_dist.masked_fill(blocked, float("-inf")).argmax(dim=-1)
+        blocked[rows, last] = True
+        picks.append(last)
+    return torch.stack(picks, dim=1)
