@@ -10,7 +10,7 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 if [ "$extras" = "dev" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,kernels,timm,clip,eval,demo]"
-  bash scripts/install_browser.sh
+  if [ -f scripts/install_browser.sh ]; then bash scripts/install_browser.sh; fi
 else
   .venv/bin/python -m pip install -q -e .
 fi
