@@ -61,8 +61,7 @@ class DecoderSites:
         self.layers = language_model.layers
         self.sites = {site.layer: site for site in sites}
         self.capture_layers = {site.layer - 1 for site in sites if self.pipeline.signals_at(site)}
-        self.apply_rotary: Callable = integration.rotary_function(self.layers[0].self_attn) if hasattr(
-            integration, "rotary_function") else _module_rotary(self.layers[0].self_attn)
+        self.apply_rotary: Callable = _module_rotary(self.layers[0].self_attn)
         self.pending: _Call | None = None
         self.call: _Call | None = None
         first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
@@ -92,7 +91,8 @@ class DecoderSites:
                 embeds = kwargs.get("inputs_embeds")
                 self.call.length = embeds.shape[1] if embeds is not None else args[0].shape[1]
                 if self.call.length != self.call.visual.shape[1]:
-                    self.call = None
+                    raise RuntimeError(f"the decoder received {self.call.length} positions, but the prefill that was "
+                                       f"prepared for it had {self.call.visual.shape[1]}")
         elif self.call is not None:
             self.call.in_prefill = False
 
