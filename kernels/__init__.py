@@ -6,4 +6,4 @@ similarity to a few pivots, one k-center step at a time) and never an N x N atte
 
 from .dispatch import attention_rows, backend_for, cosine_to_pivots, kcenter_select
 
-__all__ = ["attention_rows", "cosine_to_pivots", "kcenter_select", "backend_for"]
+__all__ = ["attention_rows", "backend_for", "cosine_to_pivots", "kcenter_select"]

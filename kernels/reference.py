@@ -40,7 +40,9 @@ def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask
 
 def cosine_to_pivots(x: Tensor, pivots: Tensor) -> Tensor:
     """Cosine similarity of every token to every pivot: x ``[B, N, D]``, pivots ``[B, P, D]`` ->
-    ``[B, P, N]`` float32, with each norm clamped below at COSINE_EPS."""
+    ``[B, P, N]`` float32: x.p / (max(||x||, COSINE_EPS) * max(||p||, COSINE_EPS)), i.e.
+    ``torch.nn.functional.cosine_similarity`` with eps=COSINE_EPS (each norm clamped on its own, so a
+    zero vector has cosine 0 with everything)."""
     xn = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     pn = pivots.float() / pivots.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     return pn @ xn.transpose(1, 2)
@@ -75,15 +77,22 @@ def kcenter_step(xn: Tensor, min_dist: Tensor, last: Tensor) -> tuple[Tensor, Te
     return min_dist, min_dist.argmax(dim=-1)
 
 
+def check_kcenter_k(k: int, n: int, valid: Tensor | None) -> None:
+    """Raise ValueError unless 0 <= k <= the valid token count of every batch row."""
+    available = n if valid is None or valid.shape[0] == 0 else int(valid.sum(1).min())
+    if not 0 <= k <= available:
+        raise ValueError(f"kcenter cannot select {k} tokens from {available} valid ones")
+
+
 def kcenter_select(x: Tensor, k: int, *, valid: Tensor | None = None) -> Tensor:
     """Greedy max-min (k-center) selection on cosine distance, DivPrune's procedure: ``[B, k]`` indices
     in selection order. First the token whose nearest neighbour is farthest, then repeatedly the token
     farthest from the selected set. Selected and invalid tokens are never picked (exact duplicates
     exist); ties go to the lower index."""
     batch, n, _ = x.shape
-    available = n if valid is None else int(valid.sum(1).min())
-    if k > available:
-        raise ValueError(f"kcenter cannot select {k} tokens from {available} valid ones")
+    check_kcenter_k(k, n, valid)
+    if k == 0:
+        return torch.empty(batch, 0, dtype=torch.long, device=x.device)
     xn = normalize(x)
     rows = torch.arange(batch, device=x.device)
     first = nearest_neighbour_distance(xn, valid).argmax(dim=-1)
