@@ -3,6 +3,11 @@
 from .base import Integration
 from .llava import LlavaIntegration
 from .llava_next import LlavaNextIntegration
+from .open_clip_vit import OpenClipViTIntegration
 from .qwen2_vl import Qwen2VLIntegration
+from .timm_vit import TimmViTIntegration
 
-__all__ = ["Integration", "LlavaIntegration", "LlavaNextIntegration", "Qwen2VLIntegration"]
+__all__ = [
+    "Integration", "LlavaIntegration", "LlavaNextIntegration", "OpenClipViTIntegration", "Qwen2VLIntegration",
+    "TimmViTIntegration",
+]

@@ -49,6 +49,14 @@ class EncoderSites:
         self.weights: Tensor | None = None
         self._captured: dict[str, Tensor] = {}
         self.handles = [layout.blocks[0].register_forward_pre_hook(self._reset)]
+        try:
+            self._install()
+        except BaseException:
+            self.remove()  # never leave half the hooks behind
+            raise
+
+    def _install(self) -> None:
+        layout, pipeline = self.layout, self.pipeline
         for layer, site in self.sites.items():
             block = layout.blocks[layer]
             wanted = pipeline.signals_at(site)
