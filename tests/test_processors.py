@@ -17,6 +17,15 @@ def image(width, height, seed):
     return Image.fromarray(pixels)
 
 
+def test_word_tokenizer_keeps_words_and_placeholders_apart():
+    from tiny_processors import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    ids = tokenizer("<|vision_start|><|image_pad|><|vision_end|> what is the color", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids["input_ids"]) == [
+        "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "what", "is", "the", "color"]
+
+
 def test_llava_processor_from_disk_end_to_end(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

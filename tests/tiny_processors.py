@@ -9,12 +9,15 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>", "<|image_pad|>", "<|vide
 
 def word_tokenizer():
     """A whitespace word-level tokenizer whose special ids match tiny_models (pad 0, bos 1, <image> 3...)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(r"(<\|[a-z_]+\|>|<image>|\s+)", behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"<\|[a-z_]+\|>|<image>"), behavior="isolated"),
+        pre_tokenizers.WhitespaceSplit(),
+    ])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         additional_special_tokens=SPECIALS[3:],
