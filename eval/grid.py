@@ -1,0 +1,48 @@
+"""Method specs and the methods x budgets grid shared by ``vtoken eval`` and ``vtoken bench``.
+
+A spec is a method name or pipeline (``"cls_attn+kcenter"``) with an optional site after ``@``:
+``"dart@llm(2)"`` is ``dart`` wrapped with ``site="llm(2)"``. Methods with a fixed ratio (no budget,
+e.g. ``pixel_shuffle``) appear once in the grid, with ``keep=None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+@dataclass
+class MethodSpec:
+    """``dart@llm(2)``: the method ``dart`` with ``site='llm(2)'``."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "MethodSpec":
+        spec = spec.strip()
+        name, _, site = spec.partition("@")
+        if not name.strip():
+            raise ValueError(f"empty method in spec {spec!r}; write e.g. 'dart' or 'dart@llm(2)'")
+        options = {"site": site.strip()} if site else {}
+        return cls(label=spec, method=name.strip(), options=options)
+
+    def budgeted(self) -> bool:
+        """Whether any stage of the method takes a budget (the spec is checked on the way)."""
+        import vtoken
+
+        return any(stage.budgeted for stage in vtoken.build_pipeline(self.method, None, dict(self.options)).stages)
+
+
+def method_grid(specs: Sequence[str], budgets: Sequence[int | float],
+                check: bool = True) -> list[tuple[MethodSpec, int | float | None]]:
+    """(spec, keep) for every spec x budget; fixed-ratio methods once with ``keep=None``. A malformed
+    spec raises here, before any long work starts. ``check=False`` (methods that a custom wrapper, not
+    vtoken, interprets): every spec x budget, unchecked."""
+    grid = []
+    for text in specs:
+        spec = MethodSpec.parse(text)
+        for keep in (budgets if not check or spec.budgeted() else [None]):
+            grid.append((spec, keep))
+    return grid

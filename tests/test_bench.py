@@ -1,0 +1,168 @@
+"""``vtoken bench`` and ``vtoken.flops`` on a tiny random LLaVA: FLOPs against a hand count, the oracle's
+inputs and outputs against the wrapped model's, and the files the bench writes. No timing assertions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import vtoken
+from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava
+from vtoken import flops
+from vtoken.eval import bench
+from vtoken.eval.archs import arch_config
+
+
+def one_prompt():
+    return llava_batch([prompt_ids([20, 21], 1, [30, 31, 32])])
+
+
+# --- FLOPs ----------------------------------------------------------------------------------------
+def test_flops_match_a_hand_count_for_the_tiny_config():
+    dims = flops.dims_from_config(tiny_llava().config)
+    text, patches = 7, TOKENS_PER_IMAGE  # 144 patches, +1 [CLS] in the tower
+    split = flops.prefill_flops(dims, patches=patches, images=1, text_tokens=text,
+                                layer_visual_tokens=[patches] * 4)
+    # CLIP: patch conv (3*14*14 -> 32); 3 blocks over 145 tokens: q,k,v,o 32x32, attention, MLP 32->64->32
+    vision = 2 * 144 * 588 * 32 + 3 * (2 * 145 * 32 * 128 + 4 * 145 * 145 * 32 + 2 * 145 * 32 * 64 * 2)
+    projector = 2 * 144 * (32 * 64 + 64 * 64)  # 2-layer MLP 32 -> 64 -> 64
+    length = text + patches  # Llama: q,o 64x64, k,v 64x32 (2 of 4 heads), attention, gated MLP 64->128
+    layer = 2 * length * 64 * (64 + 64 + 32 + 32) + 4 * length * length * 64 + 3 * 2 * length * 64 * 128
+    llm = 4 * layer + 2 * 64 * 128  # + LM head on the last position
+    assert split == {"vision": vision, "projector": projector, "llm": llm, "total": vision + projector + llm}
+
+
+def test_llm_site_pruning_lowers_llm_flops_by_the_shorter_deep_layers():
+    model = tiny_llava()
+    dims = flops.dims_from_config(model.config)
+    with vtoken.wrapped(model, "dart", keep=64, site="llm(2)"), torch.no_grad():
+        model(**one_prompt())
+        per_layer = list(model.vtoken.stats.llm_layer_tokens)
+    assert per_layer == flops.layer_visual_tokens(4, TOKENS_PER_IMAGE, 64, site_layer=2) == [144, 144, 64, 64]
+    text = 7
+    full = flops.prefill_flops(dims, patches=144, images=1, text_tokens=text, layer_visual_tokens=[144] * 4)
+    pruned = flops.prefill_flops(dims, patches=144, images=1, text_tokens=text, layer_visual_tokens=per_layer)
+    saved = 2 * (flops.llm_layer_flops(dims.llm, text + 144) - flops.llm_layer_flops(dims.llm, text + 64))
+    assert full["llm"] - pruned["llm"] == saved > 0
+    assert (pruned["vision"], pruned["projector"]) == (full["vision"], full["projector"])
+    before_llm = flops.prefill_flops(dims, patches=144, images=1, text_tokens=text, layer_visual_tokens=[64] * 4)
+    assert before_llm["llm"] < pruned["llm"]
+
+
+def test_kv_cache_bytes_formula_matches_the_cache():
+    model = tiny_llava()
+    dims = flops.dims_from_config(model.config)
+    with vtoken.wrapped(model, "dart", keep=40, site="llm(2)"), torch.no_grad():
+        out = model(**one_prompt(), use_cache=True, logits_to_keep=1)
+        per_layer = model.vtoken.stats.llm_layer_tokens
+    assert bench.cache_bytes(out.past_key_values) == flops.kv_cache_bytes(dims.llm, 7, per_layer, 4)
+
+
+def test_scaled_bench_architecture_keeps_widths_and_the_vision_share():
+    config = arch_config("llava-1.5-7b", depth_scale=1 / 8)
+    assert (config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers) == (3, 4)
+    assert (config.vision_config.hidden_size, config.text_config.hidden_size) == (1024, 4096)
+    assert (config.text_config.num_attention_heads, config.vision_config.num_attention_heads) == (32, 16)
+    shares = []
+    for scale in (1.0, 1 / 8):
+        dims = flops.dims_from_config(arch_config("llava-1.5-7b", scale))
+        split = flops.prefill_flops(dims, patches=576, images=1, text_tokens=48,
+                                    layer_visual_tokens=[576] * dims.llm.layers)
+        shares.append(split["vision"] / split["total"])
+    assert abs(shares[0] - shares[1]) < 0.01
+    qwen = arch_config("qwen2.5-vl-7b", depth_scale=1 / 8)
+    assert (qwen.vision_config.depth, qwen.text_config.num_hidden_layers) == (4, 4)
+    assert (qwen.text_config.hidden_size, qwen.text_config.num_key_value_heads) == (3584, 4)
+
+
+# --- the oracle -----------------------------------------------------------------------------------
+def test_oracle_inputs_equal_what_the_wrapped_model_fed_its_language_model():
+    model = tiny_llava()
+    batch = one_prompt()
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    with vtoken.wrapped(model, "kcenter", keep=36), torch.no_grad():
+        captured = bench.oracle_inputs(model, batch)
+        expected = model(**batch, use_cache=True, logits_to_keep=1).logits
+    handle.remove()
+    assert captured["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] - TOKENS_PER_IMAGE + 36
+    for key in ("inputs_embeds", "attention_mask", "position_ids"):
+        a, b = captured.get(key), seen[0].get(key)
+        assert (a is None and b is None) or torch.equal(a, b), key
+    # the oracle's language model + LM head on those inputs computes the wrapped model's prefill logits
+    logits = bench.run_language_model(model, model.model.language_model, captured)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_llm_site_oracle_replays_the_selection_exactly():
+    model = tiny_llava()
+    batch = one_prompt()
+    with vtoken.wrapped(model, "dart", keep=48, site="llm(2)"), torch.no_grad():
+        captured = bench.oracle_inputs(model, batch)
+        expected = model(**batch, use_cache=True, logits_to_keep=1).logits
+        state = model.vtoken
+        kept = {site: list(value) for site, value in state.stats.kept.items()}
+        family = bench.family_for(model)
+        oracle = bench._llm_oracle(model, family, batch, captured, state.integration.decoder.call, kept,
+                                   [vtoken.Site("llm", 2)])
+        try:
+            got = oracle["llm"]()
+        finally:
+            oracle["remove"]()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- the bench end to end -------------------------------------------------------------------------
+def test_bench_writes_its_files_with_the_expected_columns(tmp_path):
+    result = bench.run_bench(tiny_llava(), methods=["kcenter", "dart@llm(2)"], budgets=[16, 36], runs=1,
+                             warmup=0, decode_tokens=2, out=tmp_path, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.csv", "latency_vs_tokens.png", "memory_vs_tokens.png"} <= names
+    with open(tmp_path / "results.csv") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["method"], r["keep"]) for r in rows] == [
+        ("none", "144"), ("kcenter", "16"), ("kcenter", "36"), ("dart@llm(2)", "16"), ("dart@llm(2)", "36")]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["command"].startswith("vtoken bench") and len(saved["rows"]) == 5
+    kcenter = result["rows"][1]
+    assert kcenter["visual_tokens"] == 16 and kcenter["oracle_kind"] == "shrunk LLM input"
+    assert kcenter["oracle_ms"] is not None and kcenter["select_ms"] > 0 and kcenter["kv_cache_bytes"] > 0
+    deep = result["rows"][3]
+    assert (deep["visual_tokens"], deep["visual_tokens_last"]) == (144, 16)
+    assert deep["gflops_vision"] == kcenter["gflops_vision"] and deep["gflops_llm"] > kcenter["gflops_llm"]
+    for row in result["rows"]:
+        assert row["gflops_total"] == pytest.approx(
+            row["gflops_vision"] + row["gflops_projector"] + row["gflops_llm"], abs=2e-3)
+        assert row["decode_tok_s"] > 0 and row["peak_mem_mb"] > 0
+
+
+def test_cli_runs_a_saved_model_folder(tmp_path, capsys):
+    from vtoken.cli import main
+
+    tiny_llava().save_pretrained(tmp_path / "model")
+    code = main(["bench", "--model", str(tmp_path / "model"), "--methods", "pool,random", "--budgets", "16",
+                 "--runs", "1", "--warmup", "0", "--decode-tokens", "1", "--out", str(tmp_path / "out"),
+                 "--no-plots", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "rerun with:" in printed and f"--model {tmp_path / 'model'}" in printed
+    assert (tmp_path / "out" / "results.csv").exists()
+
+
+def test_cli_refuses_an_architecture_without_random_init(capsys):
+    from vtoken.cli import main
+
+    assert main(["bench", "--arch", "llava-1.5-7b", "--quiet"]) == 2
+    assert "--random-init" in capsys.readouterr().err
+
+
+def test_method_lists_split_outside_parentheses():
+    assert bench._split("dart@llm(2),pool, cls_attn+kcenter") == ["dart@llm(2)", "pool", "cls_attn+kcenter"]
+    spec = bench.MethodSpec.parse("dart@llm(2)")
+    assert (spec.method, spec.options) == ("dart", {"site": "llm(2)"})
