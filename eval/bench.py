@@ -49,7 +49,7 @@ from torch import Tensor
 from vtoken.stages.base import Stage
 from vtoken.tokens import Keep, TokenSet
 
-from .grid import MethodSpec, method_grid
+from .grid import MethodSpec, method_grid, parse_budget
 
 DEFAULT_METHODS = ("cls_attn", "kcenter", "dart", "pool", "random", "dart@llm(2)")
 DEFAULT_BUDGETS = (64, 128, 192)
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_bench(
             model=args.model, arch=args.arch, random_init=args.random_init, depth_scale=args.depth_scale,
-            methods=_split(args.methods), budgets=[_budget(b) for b in _split(args.budgets)], runs=args.runs,
+            methods=_split(args.methods), budgets=[parse_budget(b) for b in _split(args.budgets)], runs=args.runs,
             warmup=args.warmup, decode_tokens=args.decode_tokens, text_tokens=args.text_tokens,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
             threads=args.threads, attn_implementation=args.attn, out=args.out, plots=not args.no_plots,
@@ -820,10 +820,7 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_title(f"{result['model']} on {result['device']}\n(dashed: zero-overhead oracle)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "latency_vs_tokens.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, out / "latency_vs_tokens.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     twin = ax.twinx()
@@ -840,11 +837,17 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
     twin.set_ylabel("KV cache after prefill, MB (dashed)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "memory_vs_tokens.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, out / "memory_vs_tokens.png"))
     return paths
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -888,11 +891,6 @@ def _split(text: str) -> list[str]:
     if current.strip():
         parts.append(current.strip())
     return parts
-
-
-def _budget(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() and value >= 1 else value
 
 
 def _fraction(text: str) -> float:

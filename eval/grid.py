@@ -35,6 +35,12 @@ class MethodSpec:
         return any(stage.budgeted for stage in vtoken.build_pipeline(self.method, None, dict(self.options)).stages)
 
 
+def parse_budget(text: str) -> int | float:
+    """A command-line budget: ``"64"`` is 64 tokens, ``"0.25"`` or ``"1.0"`` a fraction of the tokens."""
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() and "." not in text else value
+
+
 def method_grid(specs: Sequence[str], budgets: Sequence[int | float],
                 check: bool = True) -> list[tuple[MethodSpec, int | float | None]]:
     """(spec, keep) for every spec x budget; fixed-ratio methods once with ``keep=None``. A malformed

@@ -40,7 +40,9 @@ import torch
 
 from . import scenes
 from . import scenes_model as sm
-from .grid import method_grid
+from vtoken.stats import clock
+
+from .grid import method_grid, parse_budget
 
 #: every registered method at its default site, plus the in-LLM form of DART and one pipeline; the
 #: vision-encoder stages run after block 1 of the scenes model's 4 (its features come out of block 2)
@@ -55,12 +57,6 @@ def _wrapper() -> Callable[..., Any]:
     import vtoken
 
     return vtoken.wrapped
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class _Questions:
@@ -92,9 +88,9 @@ def _answer_all(model, processor, questions: _Questions, bar=None) -> tuple[list
                            return_tensors="pt", padding=True)
         inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
         with torch.no_grad():
-            start = _clock(device)
+            start = clock(device)
             logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
-            elapsed = _clock(device) - start
+            elapsed = clock(device) - start
         if index > 0 and len(items) == questions.batch_size:
             seconds.append(elapsed)
         ids = logits.argmax(-1).tolist()
@@ -117,7 +113,7 @@ def _visual_tokens_kept(stats) -> int | None:
     return int(stats.records[-1].tokens_out) if stats.records else None
 
 
-def _accuracy(items: list[dict[str, Any]], predictions: list[str]) -> dict[str, float]:
+def accuracy_by_category(items: list[dict[str, Any]], predictions: list[str]) -> dict[str, float]:
     hits: dict[str, list[int]] = {}
     for item, prediction in zip(items, predictions):
         hits.setdefault(item["category"], []).append(int(prediction == str(item["answer"]).lower()))
@@ -172,7 +168,7 @@ def run_scenes_benchmark(
         bar = tqdm(total=len(questions) * (1 + len(grid)), desc="scenes benchmark", unit="batch")
     started = time.time()
     predictions, seconds, _ = _answer_all(model, processor, questions, bar)
-    full_accuracy = _accuracy(items, predictions)
+    full_accuracy = accuracy_by_category(items, predictions)
     full_prefill = statistics.median(seconds)
     full_tokens = int(getattr(model.config, "image_seq_length", 0) or 0) or None
     results: dict[str, Any] = {
@@ -207,7 +203,7 @@ def run_scenes_benchmark(
                 bar.update(len(questions) - (bar.n - done))
             results["runs"].append(run)
             continue
-        accuracy = _accuracy(items, answers)
+        accuracy = accuracy_by_category(items, answers)
         prefill = statistics.median(times)
         run.update(
             accuracy=accuracy,
@@ -344,15 +340,10 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
 
 
 # --- command line (``vtoken eval``) -----------------------------------------------------------------
-def _budget(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value >= 1 and value.is_integer() and "." not in text else value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="LLaVA checkpoint directory (default: the embedded scenes model)")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="vtoken methods ('a+b' pipelines)")
-    parser.add_argument("--budgets", nargs="+", type=_budget, default=list(DEFAULT_BUDGETS),
+    parser.add_argument("--budgets", nargs="+", type=parse_budget, default=list(DEFAULT_BUDGETS),
                         help="visual tokens kept per image (int) or fractions")
     parser.add_argument("--questions", type=int, default=1000, help="held-out questions (balanced over categories)")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from . import scenes
 from . import scenes_model as sm
+from .scenes_benchmark import accuracy_by_category
 
 COLOR_INDEX = {c: i for i, c in enumerate(scenes.COLOR_NAMES)}
 SHAPE_INDEX = {s: i for i, s in enumerate(scenes.SHAPES)}
@@ -290,19 +291,15 @@ def check_training_forward(model, tokenizer, processor, seed: int = 12345) -> fl
 
 
 # --- evaluation ------------------------------------------------------------------------------------
-def evaluate(model, processor, items: list[dict], batch_size: int = 16, log=None) -> dict:
+def evaluate(model, processor, items: list[dict], batch_size: int = 16) -> dict:
+    """Held-out accuracy per category and overall (scored as ``vtoken eval`` scores), and ``n``."""
     model.eval()
-    correct: dict[str, list[int]] = {}
+    answers: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
         images = [scenes.make_scene(item["seed"])[0] for item in chunk]
-        answers = sm.predict(model, processor, images, [item["question"] for item in chunk])
-        for item, answer in zip(chunk, answers):
-            correct.setdefault(item["category"], []).append(int(answer == item["answer"].lower()))
-    report = {c: float(np.mean(v)) for c, v in sorted(correct.items())}
-    report["overall"] = float(np.mean([x for v in correct.values() for x in v]))
-    report["n"] = len(items)
-    return report
+        answers += sm.predict(model, processor, images, [item["question"] for item in chunk])
+    return {**accuracy_by_category(items, answers), "n": len(items)}
 
 
 # --- main ------------------------------------------------------------------------------------------
