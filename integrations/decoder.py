@@ -5,9 +5,11 @@ Map of the decoder: ``lm.layers[i]`` (``input_layernorm``, ``self_attn`` with ``
 the whole stack and passes them to every layer as keyword arguments.
 
 What happens (forward pre-hooks only; the decoder's own forward is untouched):
-- prefill, layer K-1: its input hidden states and rotary table are captured, for the signals (FastV's
-  last-query attention row and DART's key norms are recomputed from this layer's own q/k projections
-  and rotary embedding through ``vtoken.kernels``: no attention map is ever asked of the model).
+- prefill, layer K-1: its input hidden states, rotary table and the output of its own ``k_proj`` are
+  captured, for the signals: FastV's last-query attention row (one query recomputed with the layer's
+  ``q_proj``, against the captured keys, through ``vtoken.kernels``) and DART's key norms. No attention
+  map is ever asked of the model, and the keys are not computed twice (if ``k_proj`` is never called as
+  a module, e.g. fused projections, the keys are recomputed from the captured input).
 - prefill, layer K: the stages select visual tokens per sample; the hidden states shrink to the text
   tokens plus the kept visual tokens, in original order.
 - prefill, layers >= K: the rotary table, position ids and mask are gathered at the kept positions,
@@ -47,6 +49,7 @@ class _Call:
     index: Tensor | None = None  # [B, L'] positions (into the decoder input) still present
     dead: Tensor | None = None  # [B, L'] slots that must never be attended to
     captured: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)
+    keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> its k_proj output in this prefill
     #: (K, index, dead) after each llm(K) site, for the decode steps of layers >= K
     layers: list[tuple[int, Tensor, Tensor | None]] = field(default_factory=list)
     in_prefill: bool = True
@@ -70,6 +73,10 @@ class DecoderSites:
             self.handles.append(
                 self.layers[index].register_forward_pre_hook(partial(self._on_layer, index), with_kwargs=True)
             )
+        for index in self.capture_layers:
+            projection = getattr(self.layers[index].self_attn, "k_proj", None)
+            if isinstance(projection, torch.nn.Module):
+                self.handles.append(projection.register_forward_hook(partial(self._on_keys, index)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -113,6 +120,11 @@ class DecoderSites:
             _, layer_index, layer_dead = [entry for entry in call.layers if entry[0] <= index][-1]
             self._gather_decode_mask(kwargs, call, layer_index, layer_dead)
         return (hidden, *rest), kwargs
+
+    def _on_keys(self, index: int, module: Any, args: tuple, output: Tensor) -> None:
+        call = self.call
+        if call is not None and call.in_prefill and index in call.captured and index not in call.keys:
+            call.keys[index] = output
 
     # --- selection at llm(K) ---------------------------------------------------------------------
     def _prune(self, site: Site, hidden: Tensor, call: _Call) -> Tensor:
@@ -181,9 +193,11 @@ class DecoderSites:
         hidden, rotary = call.captured.pop(layer_index)
         layer = self.layers[layer_index]
         attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        batch, length, _ = normed.shape
-        keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        batch, length, _ = hidden.shape
+        projected = call.keys.pop(layer_index, None)
+        if projected is None:  # k_proj was not seen running: recompute it from the captured input
+            projected = attention.k_proj(layer.input_layernorm(hidden))
+        keys = projected.view(batch, length, -1, attention.head_dim).transpose(1, 2)
         if hasattr(attention, "k_norm"):
             keys = attention.k_norm(keys)
         cos, sin = rotary
@@ -193,7 +207,8 @@ class DecoderSites:
             out["key_norm"] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
         if "last_query_attn" in wanted:
             last = _last_prompt_position(attend)  # [B]
-            query_in = normed.gather(1, last.view(batch, 1, 1).expand(-1, 1, normed.shape[-1]))
+            # the norm is per position: normalising the last position alone is the same
+            query_in = layer.input_layernorm(hidden.gather(1, last.view(batch, 1, 1).expand(-1, 1, hidden.shape[-1])))
             query = attention.q_proj(query_in).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             if hasattr(attention, "q_norm"):
                 query = attention.q_norm(query)

@@ -148,3 +148,43 @@ def test_scoring_never_falls_back_to_eager_attention(monkeypatch):
     for method, site in [("fastv", "llm(2)"), ("dart", "llm(2)"), ("cls_attn", "projector"), ("kcenter", "projector")]:
         with vtoken.wrapped(model, method, keep=20, site=site):
             model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+@vtoken.register_stage("signal_probe_test")
+@dataclass
+class SignalProbe(vtoken.Stage):
+    """Records the signals the decoder site hands it and keeps the first k tokens."""
+
+    seen: list = field(default_factory=list)
+    site_kinds = ("llm",)
+
+    def signals(self):
+        return {"last_query_attn": {}, "key_norm": {}}
+
+    def select(self, tokens, k):
+        self.seen.append({name: value.clone() for name, value in tokens.signals.items()})
+        return vtoken.Keep(indices=torch.arange(k).expand(tokens.batch_size, k))
+
+
+def test_llm_signals_equal_the_models_attention_row_and_cached_keys():
+    """FastV's row and DART's key norms equal what the model itself computes at layer K-1 (its eager
+    attention map, its cached keys), and that layer's keys are computed once, not recomputed."""
+    model = tiny_llava("eager")
+    batch = llava_batch([prompt_ids([20, 21], 1, [30, 31, 32, 33])])
+    visual = (batch["input_ids"][0] == 3).nonzero()[:, 0]
+    with torch.no_grad():
+        reference = model(**batch, output_attentions=True, use_cache=True)
+    row = reference.attentions[1][0, :, -1].mean(0)[visual]
+    keys = reference.past_key_values.layers[1].keys[0]  # [kv heads, L, d], after the rotary embedding
+    key_norm = keys.transpose(0, 1).reshape(keys.shape[1], -1).abs().sum(-1)[visual]
+
+    probe = SignalProbe(keep=10, site="llm(2)")
+    calls = []
+    counter = model.model.language_model.layers[1].self_attn.k_proj.register_forward_hook(
+        lambda module, args, output: calls.append(output.shape))
+    with vtoken.wrapped(model, vtoken.Pipeline([probe])), torch.no_grad():
+        model(**batch)
+    counter.remove()
+    assert len(calls) == 1, f"layer 1's k_proj ran {len(calls)} times in one prefill"
+    torch.testing.assert_close(probe.seen[0]["last_query_attn"][0], row, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probe.seen[0]["key_norm"][0], key_norm, atol=1e-5, rtol=1e-5)
