@@ -16,6 +16,7 @@ imported only by lmms-eval.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -56,6 +57,10 @@ class _VTokenMixin:
 
 class VTokenLlavaHf(_VTokenMixin, LlavaHf):
     def __init__(self, **kwargs: Any) -> None:
+        # LlavaHf's default device_map="" reaches from_pretrained, which transformers 5 refuses; a
+        # single-process run loads on `device` instead (what lmms-eval's Qwen2-VL class does)
+        if not kwargs.get("device_map") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            kwargs["device_map"] = str(kwargs.get("device", "cuda"))
         self._init_vtoken(LlavaHf, kwargs)
 
 

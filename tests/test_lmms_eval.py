@@ -50,7 +50,7 @@ def test_simple_evaluate_scores_the_embedded_model_like_vtoken_eval(task_dir, mo
     def lmms_accuracy(vtoken_args: str) -> float:
         out = simple_evaluate(
             model="vtoken_llava_hf",
-            model_args=f"pretrained={model},{vtoken_args},dtype=float32,device_map=cpu",
+            model_args=f"pretrained={model},{vtoken_args},dtype=float32",  # device_map follows device
             tasks=["vtoken_scenes"], task_manager=TaskManager(include_path=str(task_dir)),
             batch_size=1, device="cpu", limit=QUESTIONS,
         )
