@@ -57,6 +57,14 @@ class ModelSize:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @classmethod
+    def of(cls, model) -> ModelSize:
+        """The size of a built or loaded scenes model, read from its config."""
+        vision, text = model.config.vision_config, model.config.text_config
+        return cls(vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads,
+                   vision.intermediate_size, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+                   text.num_key_value_heads, text.intermediate_size)
+
 
 def prompt(question: str) -> str:
     """The LLaVA-1.5 prompt for one question about one image."""

@@ -1,9 +1,11 @@
-"""Train the embedded scenes model from scratch, seeded (CPU or CUDA).
+"""Train the embedded scenes model, seeded (CPU or CUDA): from scratch, or continuing a checkpoint.
 
     python -m vtoken.eval.train_scenes --out assets/scenes-llava --seed 0 --device cuda --workers 14
+    python -m vtoken.eval.train_scenes --init assets/scenes-llava --out runs/next --minutes 30 --threads 2
 
 Each step's images and questions depend only on ``--seed`` and the step number, so the data does not
-depend on ``--workers`` (data-loading processes) or the device.
+depend on ``--workers`` (data-loading processes) or the device. The shipped checkpoint was made in two
+runs, both recorded in its ``accuracy.json`` (the second run's record nests the first's under ``init``).
 
 Data: training scenes (``scenes.scene_seed("train", i)``) rendered on the fly, several questions per
 image. Objective:
@@ -11,8 +13,17 @@ image. Objective:
 - cross-entropy on the answer word and the ``</s>`` after it, given ``USER: <image>\\n{question} ASSISTANT:``;
 - on the vision tower's feature layer (hidden state -2, what LLaVA feeds the projector), training-only
   heads that are not saved: a multi-label presence head (which colours and shapes are in the scene) and
-  an object-count head on the [CLS] token, so that [CLS] attends to the objects as CLIP's does, and a
-  per-patch head (colour and shape of the object covering the patch, or background).
+  an object-count head on the [CLS] token, so that [CLS] attends to the objects as CLIP's does, a
+  per-patch head (colour and shape of the object covering the patch, or background), and a per-patch
+  coordinate head (also on the projector's output);
+- attention supervision of two heads of decoder layer ``--attn-layer`` from the answer position (the
+  question's first and second object), and a head reading both objects' centres from that layer's
+  output at the answer position.
+
+Position: the vision position embedding starts from (or, continuing, is added) a 2-D sine-cosine table
+(``--position-table``). With CLIP's tiny random init and no coordinate heads, no feature carried where a
+patch is and every position question stayed at chance; the coordinate and centre heads make the
+projector and the supervised heads' values keep it.
 
 Efficiency: an image's prefix (``<s> USER : <image> x 576``) is the same for all its questions, so the
 language model runs it once per image and every question continues from that prefix's key/value cache
@@ -82,9 +93,20 @@ def attention_targets(item: dict, cover: np.ndarray, anchors: list[int], prefix:
     return out / out.sum(axis=1, keepdims=True)
 
 
+def object_locations(item: dict, scene: scenes.Scene) -> tuple[np.ndarray, bool]:
+    """Centres (x, y) of the question's first and second object in [-1, 1] (the first twice when it
+    names one), and whether the question names one or two objects (count and a "no" to exists do not)."""
+    refs = item["objects"]
+    if item["category"] == "count" or not 1 <= len(refs) <= 2:
+        return np.zeros(4, dtype=np.float32), False
+    first, second = scene.objects[refs[0]], scene.objects[refs[-1]]
+    centres = np.array([first.x, first.y, second.x, second.y], dtype=np.float32)
+    return centres / scenes.IMAGE_SIZE * 2 - 1, True
+
+
 def make_batch(seeds: list[int], tokenizer, rng: np.random.Generator, rounds: int = 2) -> dict:
     images, colour_labels, shape_labels, anchor_labels, presence, counts = [], [], [], [], [], []
-    owners, suffixes, categories, targets_attn = [], [], [], []
+    owners, suffixes, categories, targets_attn, where, located = [], [], [], [], [], []
     prefix = PREFIX_TEXT + scenes.GRID ** 2
     for b, seed in enumerate(seeds):
         image, scene, masks = scenes.make_scene(seed, with_masks=True)
@@ -120,6 +142,9 @@ def make_batch(seeds: list[int], tokenizer, rng: np.random.Generator, rounds: in
                 owners.append(b)
                 categories.append(item["category"])
                 targets_attn.append(attention_targets(item, cover, anchors, prefix))
+                target, known = object_locations(item, scene)
+                where.append(target)
+                located.append(known)
     # pack each image's questions into one row after the image's prefix; a block mask lets every question
     # see the prefix and itself only, and its positions restart where the prefix ends
     rows: list[list[int]] = [[] for _ in seeds]
@@ -163,14 +188,17 @@ def make_batch(seeds: list[int], tokenizer, rng: np.random.Generator, rounds: in
         "question_tokens": [suffixes[q][:-4] for q in range(len(spans))],
         "attention_targets": torch.from_numpy(np.stack(targets_attn)),
         "categories": categories,
+        "where": torch.from_numpy(np.stack(where)),
+        "located": torch.tensor(located),
     }
 
 
 # --- model pieces ----------------------------------------------------------------------------------
 class AuxHeads(torch.nn.Module):
-    """Training-only heads on the vision feature layer (never saved with the model)."""
+    """Training-only heads (never saved with the model): on the vision feature layer, on the projector's
+    output and on the decoder's answer position."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, text_hidden: int):
         super().__init__()
         self.norm = torch.nn.LayerNorm(hidden)
         self.presence = torch.nn.Linear(hidden, len(COLOR_INDEX) + len(SHAPE_INDEX))
@@ -181,6 +209,12 @@ class AuxHeads(torch.nn.Module):
         # where the patch is: keeps the position embedding's information readable in the features the
         # language model sees (without it, left/right questions stayed at chance)
         self.coords = torch.nn.Linear(hidden, 2)
+        # the same for the projector's output, the language model's input: the projector has no other
+        # reason to keep position until position questions are answered, which needs position first
+        self.embed_coords = torch.nn.Linear(text_hidden, 2)
+        # where the question's objects are, read at the answer position after the supervised layer: with
+        # attention alone, the heads found the objects but their values dropped the position
+        self.where = torch.nn.Linear(text_hidden, 4)
 
 
 def patch_coordinates(device: torch.device) -> torch.Tensor:
@@ -188,6 +222,37 @@ def patch_coordinates(device: torch.device) -> torch.Tensor:
     index = torch.arange(scenes.GRID ** 2, device=device)
     grid = torch.stack([index % scenes.GRID, index // scenes.GRID], dim=-1).float()
     return grid / (scenes.GRID - 1) * 2 - 1
+
+
+def sincos_position_table(hidden: int, grid: int = scenes.GRID) -> torch.Tensor:
+    """(1 + grid * grid, hidden): a 2-D sine-cosine table (MAE's layout: half the channels encode the
+    column, half the row, at frequencies from 1 to 1/100 per patch; the [CLS] row is zero), scaled to a
+    mean square of 1 per patch, the scale of a LayerNorm-ed feature."""
+    quarter = hidden // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    index = torch.arange(grid * grid)
+    angles_x = (index % grid).double()[:, None] * frequencies
+    angles_y = (index // grid).double()[:, None] * frequencies
+    table = torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=1) * math.sqrt(2)
+    table = torch.cat([torch.zeros(1, 4 * quarter, dtype=torch.float64), table])
+    return torch.nn.functional.pad(table, (0, hidden - 4 * quarter)).float()
+
+
+def add_position_table(model, scale: float) -> None:
+    """Add ``scale`` x a 2-D sine-cosine table to the vision tower's learned position embedding.
+
+    CLIP's default initialisation (std 0.02) leaves position 25x weaker than patch content: trained that
+    way, the features carried no linearly decodable patch position (a linear probe's R^2 for the column
+    was < 0.1 on hidden state -2) and every position question stayed at chance, "which side is X on?"
+    included. With a table as strong as the content (``scale`` 1 from scratch; less when continuing a
+    trained model, to disturb what it has learnt less) where a patch is readable from the first step. The
+    embedding stays a trainable parameter.
+    """
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    weight = tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        weight.add_(scale * sincos_position_table(weight.shape[1]).to(weight))
 
 
 def vision_feature_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -209,7 +274,8 @@ def training_forward(model, heads: AuxHeads | None, batch: dict, attn_layer: int
     """Logits for every question of the batch (and aux outputs), sharing each image's prefix.
 
     With ``attn_layer``, the questions' pass runs eager attention and returns that decoder layer's
-    attention weights (questions, heads, question tokens, keys) as ``"attention"``.
+    attention weights (questions, heads, question tokens, keys) as ``"attention"`` and its output
+    hidden states as ``"layer_output"``.
     """
     states = vision_feature_states(model, batch["pixel_values"])
     image_embeds = model.model.multi_modal_projector(states[:, 1:])
@@ -221,18 +287,21 @@ def training_forward(model, heads: AuxHeads | None, batch: dict, attn_layer: int
     prefix = torch.cat([embed(head_ids).unsqueeze(0).expand(n, -1, -1), image_embeds], dim=1)
     out = lm(inputs_embeds=prefix, use_cache=True)
     captured = {}
-    handle = None
+    handles = []
     implementation = lm.config._attn_implementation
     if attn_layer is not None:
         lm.config._attn_implementation = "eager"
-        handle = lm.layers[attn_layer].self_attn.register_forward_hook(
-            lambda module, args, output: captured.__setitem__("attention", output[1]))
+        handles.append(lm.layers[attn_layer].self_attn.register_forward_hook(
+            lambda module, args, output: captured.__setitem__("attention", output[1])))
+        handles.append(lm.layers[attn_layer].register_forward_hook(
+            lambda module, args, output: captured.__setitem__(
+                "layer_output", output[0] if isinstance(output, tuple) else output)))
     try:
         out = lm(input_ids=batch["tokens"], attention_mask=batch["mask"], past_key_values=out.past_key_values,
                  position_ids=batch["positions"], use_cache=True)
     finally:
         lm.config._attn_implementation = implementation
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     result = {"logits": model.lm_head(out.last_hidden_state), **captured}
     if heads is not None:
@@ -240,11 +309,14 @@ def training_forward(model, heads: AuxHeads | None, batch: dict, attn_layer: int
         patches = heads.norm(states[:, 1:])
         result.update(presence=heads.presence(cls), count=heads.count(cls), colour=heads.colour(patches),
                       shape=heads.shape(patches), anchor=heads.anchor(patches).squeeze(-1),
-                      coords=heads.coords(patches))
+                      coords=heads.coords(patches), embed_coords=heads.embed_coords(image_embeds))
+        if "layer_output" in captured:
+            result["where"] = heads.where(captured["layer_output"][batch["answer_row"], batch["answer_pos"]])
     return result
 
 
-def losses(result: dict, batch: dict, aux_weight: float, attn_weight: float = 0.0, coords_weight: float = 0.0) -> dict:
+def losses(result: dict, batch: dict, aux_weight: float, attn_weight: float = 0.0, coords_weight: float = 0.0,
+           where_weight: float = 0.0) -> dict:
     logits = result["logits"]
     lm = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
     out = {"lm": lm}
@@ -257,7 +329,7 @@ def losses(result: dict, batch: dict, aux_weight: float, attn_weight: float = 0.
         out["anchor"] = F.binary_cross_entropy_with_logits(result["anchor"], batch["patch_anchor"],
                                                            pos_weight=torch.tensor(20.0, device=result["anchor"].device))
         target = patch_coordinates(result["coords"].device).expand_as(result["coords"])
-        out["coords"] = F.mse_loss(result["coords"], target)
+        out["coords"] = F.mse_loss(result["coords"], target) + F.mse_loss(result["embed_coords"], target)
         total = total + aux_weight * (out["presence"] + 0.5 * out["count"] + out["patch"] + 0.5 * out["anchor"]
                                       + coords_weight * out["coords"])
     if "attention" in result and attn_weight > 0:
@@ -265,6 +337,10 @@ def losses(result: dict, batch: dict, aux_weight: float, attn_weight: float = 0.
         weights = result["attention"][batch["answer_row"], :2, batch["answer_pos"], : target.shape[-1]]
         out["attn"] = -(target * torch.log(weights + 1e-6)).sum(-1).mean()
         total = total + attn_weight * out["attn"]
+    if "where" in result and where_weight > 0 and bool(batch["located"].any()):
+        located = batch["located"]
+        out["where"] = F.mse_loss(result["where"][located], batch["where"][located])
+        total = total + where_weight * out["where"]
     out["total"] = total
     return out
 
@@ -314,11 +390,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--aux-weight", type=float, default=0.5)
-    p.add_argument("--coords-weight", type=float, default=0.0,
-                   help="weight of the patch-coordinate head (4.0 was tried: position questions stayed at chance)")
+    p.add_argument("--coords-weight", type=float, default=1.0,
+                   help="weight of the patch-coordinate heads on the vision features and the projector output")
+    p.add_argument("--where-weight", type=float, default=1.0,
+                   help="weight of the head that reads the named objects' centres at the answer position after "
+                        "--attn-layer (needs --attn-weight > 0)")
     p.add_argument("--attn-weight", type=float, default=0.5,
                    help="weight of the attention supervision of two heads (0 turns it off)")
     p.add_argument("--attn-layer", type=int, default=1, help="decoder layer whose heads 0 and 1 are supervised")
+    p.add_argument("--init", default=None,
+                   help="continue from this checkpoint (a folder written by this script) instead of a random "
+                        "init; its size options are then read from it")
+    p.add_argument("--position-table", type=float, default=1.0,
+                   help="add this times a 2-D sine-cosine table to the vision position embedding at step 0 (0: off; "
+                        "continuing a checkpoint that already has one, pass 0)")
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=4)
     p.add_argument("--vision-heads", type=int, default=4)
@@ -384,8 +469,14 @@ def main(argv=None) -> int:
                         args.text_hidden, args.text_layers, args.text_heads, args.text_kv_heads, args.text_mlp)
     tokenizer = sm.build_tokenizer()
     processor = sm.build_processor(tokenizer)
-    model = sm.build_model(size, seed=args.seed)
-    heads = AuxHeads(size.vision_hidden)
+    if args.init:
+        model, _ = sm.load(args.init)
+        size = sm.ModelSize.of(model)
+    else:
+        model = sm.build_model(size, seed=args.seed)
+    if args.position_table:
+        add_position_table(model, args.position_table)
+    heads = AuxHeads(size.vision_hidden, size.text_hidden)
     device = torch.device(args.device)
     log(f"model {size.to_dict()} parameters {sm.parameter_counts(model)}")
     diff = check_training_forward(model, tokenizer, processor)
@@ -418,7 +509,7 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args, progress)
         result = training_forward(model, heads, batch, attn_layer=args.attn_layer if args.attn_weight > 0 else None)
-        loss = losses(result, batch, args.aux_weight, args.attn_weight, args.coords_weight)
+        loss = losses(result, batch, args.aux_weight, args.attn_weight, args.coords_weight, args.where_weight)
         optimizer.zero_grad(set_to_none=True)
         loss["total"].backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
@@ -479,6 +570,11 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
+    if args.init:
+        # the checkpoint this run continued from, and how that one was made
+        previous = Path(args.init) / "accuracy.json"
+        record["init"] = {"path": str(args.init),
+                          "record": json.loads(previous.read_text()) if previous.is_file() else None}
     (out / "accuracy.json").write_text(json.dumps(record, indent=1))
     return 0
 
