@@ -133,6 +133,7 @@ def run_scenes_benchmark(
     model: Any = None,
     processor: Any = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    wrap_options: dict[str, Any] | None = None,
     wrapper: Callable[..., Any] | None = None,
     device: str | None = None,
     keep_predictions: bool = True,
@@ -144,6 +145,7 @@ def run_scenes_benchmark(
     methods:        vtoken method names (``vtoken.list_methods()``; ``"a+b"`` pipelines allowed).
     budgets:        visual tokens kept per image (int) or fractions (float in (0, 1]).
     method_options: extra ``vtoken.wrap`` keyword arguments per method name.
+    wrap_options:   extra ``vtoken.wrap`` keyword arguments for every method (e.g. ``positions``).
     wrapper:        the context manager that wraps the model (default ``vtoken.wrapped``).
 
     Returns a dict: ``full`` (accuracy per category and overall, prefill seconds), ``runs`` (one per
@@ -179,6 +181,7 @@ def run_scenes_benchmark(
         "visual_tokens_full": full_tokens,
         "methods": list(methods),
         "budgets": list(budgets),
+        "wrap_options": dict(wrap_options or {}),
         "full": {"accuracy": full_accuracy, "prefill_s": full_prefill},
         "runs": [],
         "environment": {
@@ -192,7 +195,7 @@ def run_scenes_benchmark(
     for spec, keep in grid:
         run: dict[str, Any] = {"method": spec.label, "keep": keep}
         done = bar.n if bar is not None else 0
-        options = {**spec.options, **method_options.get(spec.label, {})}
+        options = {**(wrap_options or {}), **spec.options, **method_options.get(spec.label, {})}
         try:
             with wrapper(model, spec.method, keep=keep, **options):
                 answers, times, visual = _answer_all(model, processor, questions, bar)
@@ -284,6 +287,8 @@ def format_table(results: dict[str, Any]) -> str:
     n = results.get("n_questions")
     out.append(f"accuracy in % on {n} held-out questions; retained: % of the full model's overall accuracy; "
                "prefill x: median prefill time / full model's")
+    if results.get("wrap_options"):
+        out.append("every method wrapped with " + ", ".join(f"{k}={v}" for k, v in results["wrap_options"].items()))
     return "\n".join(out)
 
 
@@ -347,6 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="visual tokens kept per image (int) or fractions")
     parser.add_argument("--questions", type=int, default=1000, help="held-out questions (balanced over categories)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--positions", choices=["compact", "original"], default=None,
+                        help="position ids of the kept tokens before the LLM, for every method (default: the "
+                             "model's own default, compact for LLaVA)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/scenes-<time>)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -359,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     results = run_scenes_benchmark(args.model, methods=args.methods, budgets=args.budgets,
                                    n_questions=args.questions, batch_size=args.batch_size,
-                                   progress=not args.no_progress, device=args.device)
+                                   progress=not args.no_progress, device=args.device,
+                                   wrap_options={"positions": args.positions} if args.positions else None)
     out = Path(args.out or f"runs/scenes-{time.strftime('%Y%m%d-%H%M%S')}")
     paths = write_results(results, out)
     if args.save_images:
