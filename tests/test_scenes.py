@@ -189,10 +189,53 @@ def test_training_forward_matches_the_model():
     assert train_scenes.check_training_forward(model, tokenizer, sm.build_processor(tokenizer)) < 1e-4
 
 
+def test_sincos_table_makes_row_and_column_linear():
+    from vtoken.eval import train_scenes
+
+    table = train_scenes.sincos_position_table(128)
+    assert table.shape == (577, 128) and torch.count_nonzero(table[0]) == 0  # [CLS] carries no position
+    assert torch.allclose(table[1:].pow(2).mean(1), torch.ones(576), atol=1e-5)
+    patches = torch.cat([table[1:].double(), torch.ones(576, 1, dtype=torch.float64)], dim=1)
+    index = torch.arange(576)
+    for target in (index % 24, index // 24):
+        target = target.double()
+        fit = patches @ torch.linalg.lstsq(patches, target).solution
+        assert float((fit - target).abs().max()) < 0.05, "column/row not linear in the table"
+
+
+def test_position_heads_read_the_named_objects():
+    from vtoken.eval import train_scenes
+
+    scene = Scene(seed=0, background="noise", objects=[_obj("star", "red", "medium", 50.0, 80.0),
+                                                      _obj("circle", "blue", "large", 250.0, 200.0)])
+    item = {"question": "is the red star left of the blue circle?", "answer": "yes", "category": "position",
+            "objects": [0, 1]}
+    target, known = train_scenes.object_locations(item, scene)
+    assert known and np.allclose(target, np.array([50, 80, 250, 200]) / 336 * 2 - 1)
+    side = dict(item, question="which side is the red star on?", answer="left", objects=[0])
+    assert np.allclose(train_scenes.object_locations(side, scene)[0], np.array([50, 80, 50, 80]) / 336 * 2 - 1)
+    assert not train_scenes.object_locations(dict(item, category="count", objects=[0]), scene)[1]
+
+    model, tokenizer = sm.build_model(TINY, seed=5), sm.build_tokenizer()
+    heads = train_scenes.AuxHeads(TINY.vision_hidden, TINY.text_hidden)
+    batch = train_scenes.make_batch([11, 12], tokenizer, np.random.default_rng(0))
+    result = train_scenes.training_forward(model.train(), heads, batch, attn_layer=1)
+    questions = len(batch["categories"])
+    assert result["where"].shape == (questions, 4) and result["embed_coords"].shape == (2, 576, 2)
+    loss = train_scenes.losses(result, batch, aux_weight=0.5, attn_weight=0.5, coords_weight=1.0, where_weight=1.0)
+    assert {"where", "coords", "attn"} <= set(loss) and torch.isfinite(loss["total"])
+    loss["total"].backward()
+    assert heads.where.weight.grad is not None and float(heads.where.weight.grad.abs().sum()) > 0
+
+
 # --- benchmark runner ------------------------------------------------------------------------------
+_STAND_IN_CALLS: list = []
+
+
 @contextlib.contextmanager
 def _stand_in(model, method, keep=None, **options):
     """A trivial stand-in for vtoken.wrapped: 'identity' changes nothing, 'blind' zeroes the pixels."""
+    _STAND_IN_CALLS.append((method, keep, options))
     if method == "broken":
         raise ValueError("this method does not work")
     if method == "identity":
@@ -212,7 +255,9 @@ def test_benchmark_runner_with_a_stand_in(tmp_path):
     model, processor = sm.build_model(TINY, seed=3), sm.build_processor()
     results = run_scenes_benchmark(model=model, processor=processor, methods=("identity", "blind", "broken"),
                                    budgets=(64, 0.5), n_questions=10, batch_size=4, progress=False,
-                                   wrapper=_stand_in)
+                                   wrapper=_stand_in, wrap_options={"positions": "original"})
+    assert _STAND_IN_CALLS and all(options == {"positions": "original"} for _, _, options in _STAND_IN_CALLS)
+    assert results["wrap_options"] == {"positions": "original"}
     assert results["n_questions"] == 10 and len(results["runs"]) == 6
     full = results["full"]["accuracy"]
     assert set(full) == set(scenes.CATEGORIES) | {"overall"}
@@ -222,7 +267,7 @@ def test_benchmark_runner_with_a_stand_in(tmp_path):
     broken = [r for r in results["runs"] if r["method"] == "broken"]
     assert all(r["error"].startswith("ValueError") and r["accuracy"] is None for r in broken)
     table = format_table(results)
-    assert "identity" in table and "failed" in table and "full" in table
+    assert "identity" in table and "failed" in table and "full" in table and "positions=original" in table
     paths = write_results(results, tmp_path)
     assert json.loads(paths["json"].read_text())["n_questions"] == 10
     assert paths["csv"].read_text().splitlines()[0].startswith("method,keep,overall")
@@ -258,3 +303,24 @@ def test_shipped_checkpoint_answers_above_chance():
     accuracy = np.mean([a == i["answer"] for a, i in zip(answers, items)])
     assert accuracy > 0.6, accuracy  # chance is at most 1/2 (yes/no), 1/7 for colours
     assert model.config.image_seq_length == 576
+
+
+@pytest.mark.skipif(not (sm.embedded_model_path() / "config.json").is_file(), reason="no shipped checkpoint yet")
+def test_shipped_checkpoint_knows_where_objects_are():
+    """"Which side is X on?" needs the patch position in the features the decoder reads: a checkpoint
+    trained without it answers one side for every object (this pinned the 50 % position category)."""
+    model, processor = sm.load()
+    images, questions, truth = [], [], []
+    for index in range(2000, 2200):
+        image, scene = scenes.make_scene(scenes.scene_seed("heldout", index))
+        clear = [o for o in scene.objects if abs(o.x - scenes.IMAGE_SIZE / 2) >= scenes.SIDE_MARGIN]
+        if clear:
+            images.append(image)
+            questions.append(f"which side is the {clear[0].name} on?")
+            truth.append("left" if clear[0].x < scenes.IMAGE_SIZE / 2 else "right")
+        if len(truth) == 24:
+            break
+    answers = sm.predict(model, processor, images[:12], questions[:12]) + sm.predict(model, processor, images[12:], questions[12:])
+    assert set(truth) == {"left", "right"}
+    accuracy = np.mean([a == t for a, t in zip(answers, truth)])
+    assert accuracy >= 0.9, f"which-side accuracy {accuracy:.2f}: {list(zip(answers, truth))}"
