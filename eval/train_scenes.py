@@ -206,8 +206,7 @@ class AuxHeads(torch.nn.Module):
         self.colour = torch.nn.Linear(hidden, len(COLOR_INDEX) + 1)
         self.shape = torch.nn.Linear(hidden, len(SHAPE_INDEX) + 1)
         self.anchor = torch.nn.Linear(hidden, 1)
-        # where the patch is: keeps the position embedding's information readable in the features the
-        # language model sees (without it, left/right questions stayed at chance)
+        # where the patch is: keeps the position embedding's information readable in the vision features
         self.coords = torch.nn.Linear(hidden, 2)
         # the same for the projector's output, the language model's input: the projector has no other
         # reason to keep position until position questions are answered, which needs position first
@@ -244,22 +243,25 @@ def add_position_table(model, scale: float) -> None:
     CLIP's default initialisation (std 0.02) leaves position 25x weaker than patch content: trained that
     way, the features carried no linearly decodable patch position (a linear probe's R^2 for the column
     was < 0.1 on hidden state -2) and every position question stayed at chance, "which side is X on?"
-    included. With a table as strong as the content (``scale`` 1 from scratch; less when continuing a
-    trained model, to disturb what it has learnt less) where a patch is readable from the first step. The
-    embedding stays a trainable parameter.
+    included. A table as strong as the content (``scale`` 1 from scratch; less when continuing a trained
+    model, to disturb less of what it has learnt) makes where a patch is readable from the first step.
+    The embedding stays a trainable parameter.
     """
-    tower = model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)
-    weight = tower.embeddings.position_embedding.weight
+    weight = clip_transformer(model).embeddings.position_embedding.weight
     with torch.no_grad():
         weight.add_(scale * sincos_position_table(weight.shape[1]).to(weight))
+
+
+def clip_transformer(model) -> torch.nn.Module:
+    """The CLIP vision transformer of a scenes model (embeddings, pre-norm, encoder layers)."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)  # older transformers nest the transformer one level deeper
 
 
 def vision_feature_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Hidden state ``vision_feature_layer`` (-2) of the CLIP tower, [CLS] included, without running the
     layers after it."""
-    tower = model.model.vision_tower
-    tower = getattr(tower, "vision_model", tower)  # older transformers nest the transformer one level deeper
+    tower = clip_transformer(model)
     layer = model.config.vision_feature_layer
     n_layers = len(tower.encoder.layers)
     used = n_layers + 1 + layer if layer < 0 else layer  # hidden_states[i] is the output of i layers
