@@ -467,15 +467,20 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     started = time.time()
-    size = sm.ModelSize(args.vision_hidden, args.vision_layers, args.vision_heads, args.vision_mlp,
-                        args.text_hidden, args.text_layers, args.text_heads, args.text_kv_heads, args.text_mlp)
     tokenizer = sm.build_tokenizer()
     processor = sm.build_processor(tokenizer)
+    init_record = None
     if args.init:
         model, _ = sm.load(args.init)
-        size = sm.ModelSize.of(model)
+        # how the checkpoint this run continues was made, read before anything is written
+        previous = Path(args.init) / "accuracy.json"
+        init_record = {"path": str(args.init),
+                       "record": json.loads(previous.read_text()) if previous.is_file() else None}
     else:
-        model = sm.build_model(size, seed=args.seed)
+        model = sm.build_model(sm.ModelSize(args.vision_hidden, args.vision_layers, args.vision_heads,
+                                            args.vision_mlp, args.text_hidden, args.text_layers, args.text_heads,
+                                            args.text_kv_heads, args.text_mlp), seed=args.seed)
+    size = sm.ModelSize.of(model)
     if args.position_table:
         add_position_table(model, args.position_table)
     heads = AuxHeads(size.vision_hidden, size.text_hidden)
@@ -572,11 +577,8 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    if args.init:
-        # the checkpoint this run continued from, and how that one was made
-        previous = Path(args.init) / "accuracy.json"
-        record["init"] = {"path": str(args.init),
-                          "record": json.loads(previous.read_text()) if previous.is_file() else None}
+    if init_record is not None:
+        record["init"] = init_record
     (out / "accuracy.json").write_text(json.dumps(record, indent=1))
     return 0
 

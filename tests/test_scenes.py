@@ -181,6 +181,10 @@ def test_tiny_model_save_and_reload_gives_identical_logits(tmp_path):
         assert features.shape[-2:] == (576, TINY.text_hidden) or features.shape[0] == 2 * 576
 
 
+def test_model_size_is_read_back_from_a_built_model():
+    assert sm.ModelSize.of(sm.build_model(TINY, seed=1)) == TINY
+
+
 def test_training_forward_matches_the_model():
     from vtoken.eval import train_scenes
 
@@ -252,6 +256,7 @@ def _stand_in(model, method, keep=None, **options):
 def test_benchmark_runner_with_a_stand_in(tmp_path):
     from vtoken.eval.scenes_benchmark import format_table, run_scenes_benchmark, write_results
 
+    _STAND_IN_CALLS.clear()
     model, processor = sm.build_model(TINY, seed=3), sm.build_processor()
     results = run_scenes_benchmark(model=model, processor=processor, methods=("identity", "blind", "broken"),
                                    budgets=(64, 0.5), n_questions=10, batch_size=4, progress=False,
