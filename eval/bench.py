@@ -260,8 +260,8 @@ def _measure_method(model, family, inputs, dims, spec, keep, runs, warmup, decod
         records = list(state.stats.records)
         layer_tokens = list(state.stats.llm_layer_tokens)
         kept = {site: list(value) for site, value in state.stats.kept.items()}
-        decoder = getattr(state.integration, "decoder", None)
-        prefill_call = None if decoder is None else decoder.call
+        last_call = state.integration.last_call
+        prefill_call = None if last_call is None else last_call.parts.get("decoder")
         kv = cache_bytes(output.past_key_values)
         del output
         llm_sites = [site for site in sites if site.kind == "llm"]
@@ -339,9 +339,7 @@ def _llm_oracle(model, family, inputs, lm_kwargs, call, kept, llm_sites) -> dict
     """As the pre-LLM oracle, with the decoder pruned at llm(K) by a fixed stage replaying the
     selection the method made: the deeper layers see exactly the method's tokens, and no signal is
     computed and nothing is selected. Its decoder hooks stay installed next to the method's for the
-    timing (each set is inert unless its own prefill was announced); ``remove`` takes them away."""
-    from types import SimpleNamespace
-
+    timing (each set is inert outside its own calls); ``remove`` takes them away."""
     import vtoken
     from vtoken.integrations.decoder import DecoderSites
     from vtoken.integrations.hf_vlm import Prefill
@@ -358,15 +356,14 @@ def _llm_oracle(model, family, inputs, lm_kwargs, call, kept, llm_sites) -> dict
         per_unit = rows.shape[1] // max(int(units.max()), 1)
         fixed.append(FixedKeep(keep=per_unit, site=str(site), indices=rows))
     lm = family.language_model(model)
-    owner = SimpleNamespace(pipeline=vtoken.Pipeline(fixed), stats=vtoken.Stats())
-    sites = DecoderSites(owner, lm, llm_sites)
+    sites = DecoderSites(vtoken.Pipeline(fixed), lm, llm_sites, key=id(fixed))
 
     def vision() -> Any:
         return family.vision(model, inputs)
 
     def llm() -> Any:
-        sites.expect_prefill(Prefill(visual=visual, units=units, attention_mask=mask))
-        return run_language_model(model, lm, lm_kwargs)
+        with sites.prefill_scope(Prefill(visual=visual, units=units, attention_mask=mask)):
+            return run_language_model(model, lm, lm_kwargs)
 
     return {"vision": vision, "llm": llm, "remove": sites.remove}
 

@@ -1,17 +1,40 @@
 """The integration contract.
 
-An Integration knows one model family's layout. It checks that the pipeline's sites exist in the model,
-installs hooks at those sites, computes the signals the stages ask for (through ``vtoken.kernels``), and
-applies each Keep to the model's tensors. ``remove`` takes every hook away again.
+An Integration knows one model family's layout. At ``wrap`` it checks the pipeline against the model
+(sites, layer ranges, the signals each site provides), installs hooks at those sites, computes the
+signals the stages ask for (through ``vtoken.kernels``) and applies each Keep to the model's tensors.
+``remove`` takes every hook away again.
+
+Everything one call computes lives in that call (``vtoken.calls``): the integration object only holds
+what ``wrap`` decided, so one wrapped model serves several threads, and ``copy.deepcopy`` of a wrapped
+model gives an independent wrapped model. Pickling is refused with a message (hooks are not data).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
+from vtoken import calls, signals
 from vtoken.pipeline import Pipeline
 from vtoken.sites import Site
 from vtoken.stats import Stats
+
+
+class HookSet:
+    """Hook handles installed by one owner: add them as they are made, remove them all at once."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def add(self, handle: Any) -> Any:
+        self.handles.append(handle)
+        return handle
+
+    def remove_all(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles = []
 
 
 class Integration:
@@ -20,52 +43,119 @@ class Integration:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: integration options accepted by ``vtoken.wrap`` with their defaults
     options: ClassVar[dict[str, Any]] = {}
+    #: the signals each site kind provides (``vtoken.signals``); refine per model in ``provided_signals``
+    site_signals: ClassVar[dict[str, frozenset[str]]] = {}
 
     @classmethod
     def matches(cls, model: Any) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) in cls.model_types
 
-    def __init__(self, model: Any, pipeline: Pipeline, stats: Stats, **options: Any) -> None:
+    def __init__(self, model: Any, pipeline: Pipeline, **options: Any) -> None:
         self.model = model
         self.pipeline = pipeline
-        self.stats = stats
         self.settings = {**self.options, **options}
+        #: the stats of the last call that finished (``model.vtoken.stats``)
+        self.stats = Stats()
+        #: the last call that finished, for tools that inspect it (the bench's oracle)
+        self.last_call: calls.Call | None = None
+        self.hooks = HookSet()
 
+    # --- naming ----------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        """The model's own family name for messages (its ``model_type``, e.g. 'qwen2_5_vl')."""
+        return str(getattr(getattr(self.model, "config", None), "model_type", None) or self.name)
+
+    # --- per-call state --------------------------------------------------------------------------
+    @property
+    def key(self) -> int:
+        return id(self)
+
+    def current_call(self) -> calls.Call | None:
+        return calls.current(self.key)
+
+    def begin_call(self, kind: str) -> calls.Call:
+        return calls.begin(self.key, calls.Call(kind=kind))
+
+    def end_call(self, call: calls.Call) -> None:
+        calls.end(self.key, call)
+        self.last_call = call
+        self.stats = call.stats  # one assignment: readers see the old or the new stats, never a mix
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError("a model wrapped by vtoken cannot be pickled (its hooks are code, not data): call "
+                        "vtoken.unwrap(model) first and wrap it again after loading; model.state_dict() "
+                        "saves as usual while wrapped")
+
+    def __deepcopy__(self, memo: dict) -> "Integration":
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        for name, value in self.__dict__.items():
+            setattr(twin, name, copy.deepcopy(value, memo))
+        return twin
+
+    # --- the model's sites -----------------------------------------------------------------------
     def site_layers(self) -> dict[str, int]:
-        """Number of layers at each layered site kind (``vision``, ``llm``) this model offers."""
+        """Number of layers at each layered site kind (``vision``, ``llm``): negative layers count
+        back from it."""
         raise NotImplementedError
+
+    def layer_range(self, kind: str) -> range:
+        """The layers where a ``kind`` site may run (default: 0.. for vision, 1.. for llm, up to the count)."""
+        return range(1 if kind == "llm" else 0, self.site_layers()[kind])
 
     def supported_site_kinds(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def check_sites(self) -> None:
-        """Resolve negative layers and refuse sites the model does not have, naming the accepted ones."""
-        layers = self.site_layers()
-        self.pipeline.resolve_sites(layers)
+    def provided_signals(self, site: Site) -> frozenset[str]:
+        """The signals this model computes at ``site``."""
+        return self.site_signals.get(site.kind, frozenset())
+
+    def check_pipeline(self) -> None:
+        """Resolve negative layers and refuse, naming the accepted values, sites the model does not
+        have and signals a site does not provide. Called by ``install`` before any hook exists."""
+        self.pipeline = self.pipeline.resolved(self.site_layers())
         kinds = self.supported_site_kinds()
-        accepted = ", ".join(_describe(kind, layers.get(kind)) for kind in kinds)
+        accepted = self.describe_sites()
         for stage in self.pipeline.stages:
             site: Site = stage.site
             if site.kind not in kinds:
-                raise ValueError(f"{self.name} has no {site.kind} site for stage {stage.name}; accepted: {accepted}")
-            limit = layers.get(site.kind)
-            if site.layer is not None and not (_lowest(site.kind) <= site.layer < limit):
-                raise ValueError(f"{site} does not exist in this {self.name} model; accepted: {accepted}")
+                raise ValueError(f"{self.family} has no {site.kind} site for stage {stage.name}; accepted: {accepted}")
+            if site.layer is not None and site.layer not in self.layer_range(site.kind):
+                raise ValueError(f"{site} does not exist in this {self.family} model; accepted: {accepted}")
+        for site in self.pipeline.sites:
+            needed = set(self.pipeline.signals_at(site))
+            offered = self.provided_signals(site)
+            missing = needed - offered
+            if missing:
+                names = ", ".join(stage.name for stage in self.pipeline.stages_at(site))
+                raise ValueError(
+                    f"{names} at {site} need(s) the signal(s) {signals.describe(missing)}, which {self.family} "
+                    f"does not provide there; {site} provides: {signals.describe(offered) or 'no signals'}"
+                )
+
+    def describe_sites(self) -> str:
+        parts = []
+        for kind in self.supported_site_kinds():
+            if kind == "projector":
+                parts.append("projector")
+                continue
+            layers = self.layer_range(kind)
+            letter = "K" if kind == "llm" else "L"
+            if len(layers) == 0:
+                parts.append(f"no {kind}({letter}) site (this model has {self.site_layers()[kind]} {kind} layer(s))")
+            else:
+                note = self.layer_note(kind)
+                note = f" ({note})" if note else ""
+                parts.append(f"{kind}({letter}) with {layers.start} <= {letter} < {layers.stop}{note}")
+        return ", ".join(parts)
+
+    def layer_note(self, kind: str) -> str:
+        """Why ``layer_range(kind)`` stops where it does, when that is not the model's depth."""
+        return ""
 
     def install(self) -> None:
         raise NotImplementedError
 
     def remove(self) -> None:
         raise NotImplementedError
-
-
-def _lowest(kind: str) -> int:
-    return 1 if kind == "llm" else 0
-
-
-def _describe(kind: str, layers: int | None) -> str:
-    if kind == "projector":
-        return "projector"
-    if kind == "llm":
-        return f"llm(K) with 1 <= K < {layers}"
-    return f"vision(L) with 0 <= L < {layers}"

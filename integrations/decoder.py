@@ -17,30 +17,51 @@ What happens (forward pre-hooks only; the decoder's own forward is untouched):
   These layers therefore cache only the kept tokens; layers < K cache every token.
 - decode steps, layers >= K: the mask's key columns are gathered the same way (kept prefill
   positions, then every generated position), so each layer attends exactly to its own cache.
+- no-cache passes of the same generate call (``use_cache=False``): the whole, longer sequence runs
+  again; at each site the prefill's selection is applied again, followed by every generated position,
+  so the result equals the cached steps (no new selection is made on the longer sequence).
 When samples of a batch keep different numbers of tokens, the shorter rows are filled with "dead"
 slots (dropped positions that every query is masked from), so one rectangular cache serves the batch.
+
+DART's text pivots are the text tokens after each row's last visual token (the question).
+Per-call state (see ``vtoken.calls``): a prefill's selection lives in its call and, once the cache
+exists, on the KV cache object, which every decode step carries: threads never share it, beams and
+several returned sequences expand it as generate expands the batch, and a manual decode loop of
+``model(...)`` calls finds it through the cache it passes back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from vtoken import kernels
+from vtoken import calls, kernels, signals
+from vtoken.calls import Call
+from vtoken.pipeline import Pipeline
 from vtoken.sites import Site
+from vtoken.stats import Stats, clock
 from vtoken.tokens import TokenSet
 
-from vtoken.stats import clock
+from .base import HookSet
+
+#: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
+CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
 
 
 @dataclass
-class _Call:
-    """State of one prefill and the decode steps that follow it."""
+class DecoderCall:
+    """The llm(K) state of one prefill, kept for the decode steps that follow it.
+
+    It lives in the call that prepared the prefill (``call.parts["decoder"]``) and, from the prefill
+    on, on the KV cache object itself: the cache is what a decode step carries, so a manual decode
+    loop over ``model(...)`` calls (each a call of its own) finds the state its cache was built with.
+    """
 
     visual: Tensor  # [B, L] visual positions of the decoder input
     units: Tensor  # [B] images per row
@@ -50,84 +71,168 @@ class _Call:
     dead: Tensor | None = None  # [B, L'] slots that must never be attended to
     captured: dict[int, tuple[Tensor, Any]] = field(default_factory=dict)
     keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> its k_proj output in this prefill
-    #: (K, index, dead) after each llm(K) site, for the decode steps of layers >= K
-    layers: list[tuple[int, Tensor, Tensor | None]] = field(default_factory=list)
-    in_prefill: bool = True
+    #: per llm(K) site: (K, index into the decoder input, dead, index into layer K's input)
+    layers: list[tuple[int, Tensor, Tensor | None, Tensor]] = field(default_factory=list)
+    prefilled: bool = False
+
+    def expand(self, batch: int) -> None:
+        """Repeat each row for beam search / several returned sequences (generate expands the batch
+        before the prefill, each row's copies next to each other)."""
+        rows = self.visual.shape[0]
+        if batch == rows:
+            return
+        if batch % rows:
+            raise RuntimeError(f"the decoder received {batch} rows for a prefill prepared with {rows}")
+        factor = batch // rows
+        self.visual = self.visual.repeat_interleave(factor, dim=0)
+        self.units = self.units.repeat_interleave(factor, dim=0)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.repeat_interleave(factor, dim=0)
+
+
+@dataclass
+class _Step:
+    """What the layers do in one pass of the decoder."""
+
+    mode: str  # "prefill" (select), "decode" (one cached step), "recompute" (a no-cache pass over more)
+    state: DecoderCall
+    #: recompute: per site K, (index into the decoder input, dead, index into layer K's input) extended
+    #: by the positions generated since the prefill
+    layers: dict[int, tuple[Tensor, Tensor | None, Tensor]] = field(default_factory=dict)
+    current: tuple[Tensor, Tensor | None] | None = None
 
 
 class DecoderSites:
-    def __init__(self, integration: Any, language_model: torch.nn.Module, sites: list[Site]) -> None:
-        self.integration = integration
-        self.pipeline = integration.pipeline
-        self.stats = integration.stats
+    def __init__(self, pipeline: Pipeline, language_model: torch.nn.Module, sites: list[Site], key: int) -> None:
+        self.pipeline = pipeline
+        self.key = key
         self.lm = language_model
         self.layers = language_model.layers
         self.sites = {site.layer: site for site in sites}
         self.capture_layers = {site.layer - 1 for site in sites if self.pipeline.signals_at(site)}
         self.apply_rotary: Callable = _module_rotary(self.layers[0].self_attn)
-        self.pending: _Call | None = None
-        self.call: _Call | None = None
         first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
-        self.handles = [language_model.register_forward_pre_hook(self._on_decoder, with_kwargs=True)]
+        self.hooks = HookSet()
+        self.hooks.add(language_model.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
+        self.hooks.add(language_model.register_forward_hook(self._after_decoder, always_call=True))
         for index in range(first, len(self.layers)):
-            self.handles.append(
+            self.hooks.add(
                 self.layers[index].register_forward_pre_hook(partial(self._on_layer, index), with_kwargs=True)
             )
         for index in self.capture_layers:
             projection = getattr(self.layers[index].self_attn, "k_proj", None)
             if isinstance(projection, torch.nn.Module):
-                self.handles.append(projection.register_forward_hook(partial(self._on_keys, index)))
+                self.hooks.add(projection.register_forward_hook(partial(self._on_keys, index)))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.pending = self.call = None
+        self.hooks.remove_all()
 
-    def expect_prefill(self, prefill: Any) -> None:
+    def expect_prefill(self, call: Call, prefill: Any) -> None:
         """Called by the integration right before the decoder's prefill with images."""
-        self.pending = _Call(visual=prefill.visual, units=prefill.units, attention_mask=prefill.attention_mask)
+        call.parts["decoder"] = DecoderCall(visual=prefill.visual, units=prefill.units,
+                                            attention_mask=prefill.attention_mask)
+
+    @contextlib.contextmanager
+    def prefill_scope(self, prefill: Any) -> Iterator[Call]:
+        """A call of its own around a direct call of the language model (the bench's oracle)."""
+        call = calls.begin(self.key, Call(kind="forward"))
+        try:
+            self.expect_prefill(call, prefill)
+            yield call
+        finally:
+            calls.end(self.key, call)
+
+    def kept_positions(self, call: Call) -> tuple[Tensor, Tensor | None] | None:
+        """After a prefill: the positions of the decoder input present after the last llm(K) site, and
+        the dead slots among them (None when no site ran)."""
+        state = call.parts.get("decoder")
+        if state is None or state.index is None:
+            return None
+        return state.index, state.dead
 
     # --- hooks -----------------------------------------------------------------------------------
     def _on_decoder(self, module: Any, args: tuple, kwargs: dict) -> None:
+        call = calls.current(self.key)
+        own = None
+        if call is None:  # the language model called on its own (a manual decode step on it)
+            call = own = calls.begin(self.key, Call(kind="language_model"))
+        call.parts["decoder_owned"] = own
         cache = kwargs.get("past_key_values")
-        prefill = cache is None or cache.get_seq_length() == 0
-        if prefill:
-            self.call, self.pending = self.pending, None
-            if self.call is not None:
-                embeds = kwargs.get("inputs_embeds")
-                self.call.length = embeds.shape[1] if embeds is not None else args[0].shape[1]
-                if self.call.length != self.call.visual.shape[1]:
-                    raise RuntimeError(f"the decoder received {self.call.length} positions, but the prefill that was "
-                                       f"prepared for it had {self.call.visual.shape[1]}")
-        elif self.call is not None:
-            self.call.in_prefill = False
+        past = 0 if cache is None else cache.get_seq_length()
+        embeds = kwargs.get("inputs_embeds")
+        length = embeds.shape[1] if embeds is not None else (args[0] if args else kwargs["input_ids"]).shape[1]
+        batch = embeds.shape[0] if embeds is not None else (args[0] if args else kwargs["input_ids"]).shape[0]
+        state: DecoderCall | None = call.parts.get("decoder")
+        step = None
+        if past > 0:
+            attached = getattr(cache, CACHE_ATTRIBUTE, {}).get(self.key)
+            if attached is not None:
+                step = _Step("decode", attached)
+        elif state is not None and not state.prefilled:
+            state.expand(batch)
+            state.length = length
+            if length != state.visual.shape[1]:
+                raise RuntimeError(f"the decoder received {length} positions, but the prefill that was "
+                                   f"prepared for it had {state.visual.shape[1]}")
+            step = _Step("prefill", state)
+        elif state is not None and length >= state.length and state.layers:
+            step = _Step("recompute", state, layers=_extend_layers(state, length))
+        call.parts["decoder_step"] = step
+
+    def _after_decoder(self, module: Any, args: tuple, output: Any) -> None:
+        call = calls.current(self.key)
+        if call is None:
+            return
+        step = call.parts.pop("decoder_step", None)
+        if step is not None and step.mode == "prefill":
+            step.state.prefilled = True
+            step.state.captured.clear()
+            step.state.keys.clear()
+        own = call.parts.pop("decoder_owned", None)
+        if own is not None:
+            calls.end(self.key, own)
 
     def _on_layer(self, index: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        call = self.call
-        if call is None:
+        call = calls.current(self.key)
+        step: _Step | None = None if call is None else call.parts.get("decoder_step")
+        if step is None:
             return None
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = args[1:] if args else ()
-        if call.in_prefill:
+        state = step.state
+        if step.mode == "prefill":
+            cache = kwargs.get("past_key_values")
+            if cache is not None:
+                getattr(cache, CACHE_ATTRIBUTE, None) or setattr(cache, CACHE_ATTRIBUTE, {})
+                getattr(cache, CACHE_ATTRIBUTE)[self.key] = state
             if index in self.sites:
-                hidden = self._prune(self.sites[index], hidden, call)
-            if call.index is not None:
-                self._gather_prefill_kwargs(kwargs, call)
+                hidden = self._prune(self.sites[index], hidden, state, call.stats)
+            if state.index is not None:
+                self._gather_prefill_kwargs(kwargs, state.index, state.dead)
             if index in self.capture_layers:
-                call.captured[index] = (hidden, kwargs.get("position_embeddings"))
-        elif call.layers and index >= call.layers[0][0]:
-            _, layer_index, layer_dead = [entry for entry in call.layers if entry[0] <= index][-1]
-            self._gather_decode_mask(kwargs, call, layer_index, layer_dead)
+                state.captured[index] = (hidden, kwargs.get("position_embeddings"))
+        elif step.mode == "recompute":
+            if index in step.layers:
+                full, dead, relative = step.layers[index]
+                hidden = _take(hidden, relative)
+                step.current = (full, dead)
+            if step.current is not None:
+                self._gather_prefill_kwargs(kwargs, *step.current)
+        elif state.layers and index >= state.layers[0][0]:
+            _, layer_index, layer_dead, _ = [entry for entry in state.layers if entry[0] <= index][-1]
+            self._gather_decode_mask(kwargs, state, layer_index, layer_dead)
         return (hidden, *rest), kwargs
 
     def _on_keys(self, index: int, module: Any, args: tuple, output: Tensor) -> None:
-        call = self.call
-        if call is not None and call.in_prefill and index in call.captured and index not in call.keys:
-            call.keys[index] = output
+        call = calls.current(self.key)
+        step = None if call is None else call.parts.get("decoder_step")
+        if step is not None and step.mode == "prefill":
+            state = step.state
+            if index in state.captured and index not in state.keys:
+                state.keys[index] = output
 
     # --- selection at llm(K) ---------------------------------------------------------------------
-    def _prune(self, site: Site, hidden: Tensor, call: _Call) -> Tensor:
+    def _prune(self, site: Site, hidden: Tensor, call: DecoderCall, stats: Stats) -> Tensor:
         batch, length, _ = hidden.shape
         device = hidden.device
         index = call.index if call.index is not None else torch.arange(length, device=device).expand(batch, -1)
@@ -136,19 +241,20 @@ class DecoderSites:
         attend = alive if call.attention_mask is None else alive & call.attention_mask.gather(1, index).bool()
         wanted = self.pipeline.signals_at(site)
         start = clock(device)
-        signals = self._signals(site, wanted, attend, call)
+        computed = self._signals(site, wanted, attend, call)
         scoring = clock(device) - start
         normed = self.lm.norm(hidden)
-        text = _text_after_first_visual(~visual & attend, visual)
+        text = text_after_visual(~visual & attend, visual)
 
-        # rows with the same visual/text counts and image count are selected together
+        # rows with the same visual (and, for text pivots, text) counts and image count are selected together
+        with_text = signals.TEXT_TOKENS in wanted
         groups: dict[tuple[int, int, int], list[int]] = {}
         for row in range(batch):
-            key = (int(visual[row].sum()), int(text[row].sum()), int(call.units[row]))
+            key = (int(visual[row].sum()), int(text[row].sum()) if with_text else 0, int(call.units[row]))
             groups.setdefault(key, []).append(row)
         # padding is dropped as well: the short rows are refilled with dead slots below
         stay = attend & ~visual
-        kept_record = self.stats.kept.setdefault(str(site), [None] * batch)
+        kept_record = stats.kept.setdefault(str(site), [None] * batch)
         for (n_visual, _, units), rows in groups.items():
             if n_visual == 0:
                 continue
@@ -156,13 +262,13 @@ class DecoderSites:
             positions = _positions(visual[rows_t])
             tokens = TokenSet.from_features(
                 _take(normed[rows_t], positions), units=max(units, 1),
-                signals={name: value[rows_t].gather(1, positions) for name, value in signals.items()},
+                signals={name: value[rows_t].gather(1, positions) for name, value in computed.items()},
             )
-            if "text_tokens" in wanted:
+            if with_text:
                 text_positions = _positions(text[rows_t])
                 tokens.context["text_features"] = _take(normed[rows_t], text_positions)
-                tokens.context["text_key_norm"] = signals["key_norm"][rows_t].gather(1, text_positions)
-            _, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=scoring / len(groups))
+                tokens.context["text_key_norm"] = computed[signals.KEY_NORM][rows_t].gather(1, text_positions)
+            _, keep = self.pipeline.run(site, tokens, stats, scoring_seconds=scoring / len(groups))
             stay[rows_t[:, None], positions.gather(1, keep.indices)] = True
             for g, row in enumerate(rows):
                 kept_record[row] = keep.indices[g]
@@ -181,13 +287,13 @@ class DecoderSites:
             new_index[row] = kept
         call.index = index.gather(1, new_index)
         call.dead = dead if bool(dead.any()) else None
-        call.layers.append((site.layer, call.index, call.dead))
-        self._record_layer_counts(site, call)
+        call.layers.append((site.layer, call.index, call.dead, new_index))
+        self._record_layer_counts(site, call, stats)
         return _take(hidden, new_index)
 
-    def _signals(self, site: Site, wanted: dict, attend: Tensor, call: _Call) -> dict[str, Tensor]:
+    def _signals(self, site: Site, wanted: dict, attend: Tensor, call: DecoderCall) -> dict[str, Tensor]:
         """Per-position signals ``[B, L]`` recomputed from layer K-1's own projections."""
-        if not ({"last_query_attn", "key_norm", "text_tokens"} & set(wanted)):
+        if not (signals.LLM & set(wanted)):
             return {}
         layer_index = site.layer - 1
         hidden, rotary = call.captured.pop(layer_index)
@@ -203,9 +309,9 @@ class DecoderSites:
         cos, sin = rotary
         keys = self.apply_rotary(keys, keys, cos, sin)[1]
         out: dict[str, Tensor] = {}
-        if "key_norm" in wanted or "text_tokens" in wanted:
-            out["key_norm"] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
-        if "last_query_attn" in wanted:
+        if signals.KEY_NORM in wanted or signals.TEXT_TOKENS in wanted:
+            out[signals.KEY_NORM] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
+        if signals.LAST_QUERY_ATTN in wanted:
             last = _last_prompt_position(attend)  # [B]
             # the norm is per position: normalising the last position alone is the same
             query_in = layer.input_layernorm(hidden.gather(1, last.view(batch, 1, 1).expand(-1, 1, hidden.shape[-1])))
@@ -215,28 +321,26 @@ class DecoderSites:
             query = self.apply_rotary(query, query, _take_seq(cos, last[:, None]), _take_seq(sin, last[:, None]))[0]
             rows = kernels.attention_rows(query, keys, scale=attention.scaling, key_mask=attend,
                                           causal_limit=last[:, None])
-            out["last_query_attn"] = rows[:, 0]
+            out[signals.LAST_QUERY_ATTN] = rows[:, 0]
         return out
 
-    def _record_layer_counts(self, site: Site, call: _Call) -> None:
+    def _record_layer_counts(self, site: Site, call: DecoderCall, stats: Stats) -> None:
         before = int(call.visual[0].sum())
         present = call.visual.gather(1, call.index)[0]
         after = int((present if call.dead is None else present & ~call.dead[0]).sum())
-        counts = self.stats.llm_layer_tokens or [before] * len(self.layers)
-        self.stats.llm_layer_tokens = counts[: site.layer] + [after] * (len(self.layers) - site.layer)
+        counts = stats.llm_layer_tokens or [before] * len(self.layers)
+        stats.llm_layer_tokens = counts[: site.layer] + [after] * (len(self.layers) - site.layer)
 
     # --- shrinking the per-layer arguments -------------------------------------------------------
-    def _gather_prefill_kwargs(self, kwargs: dict, call: _Call) -> None:
-        index = call.index
+    def _gather_prefill_kwargs(self, kwargs: dict, index: Tensor, dead: Tensor | None) -> None:
         if kwargs.get("position_embeddings") is not None:
             kwargs["position_embeddings"] = tuple(_take_seq(t, index) for t in kwargs["position_embeddings"])
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = _take_last(kwargs["position_ids"], index)
         mask = kwargs.get("attention_mask")
-        kwargs["attention_mask"] = self._prefill_mask(mask, call)
+        kwargs["attention_mask"] = self._prefill_mask(mask, index, dead)
 
-    def _prefill_mask(self, mask: Any, call: _Call) -> Any:
-        index, dead = call.index, call.dead
+    def _prefill_mask(self, mask: Any, index: Tensor, dead: Tensor | None) -> Any:
         if mask is None:
             if dead is None:
                 return None  # causal over the kept tokens, which stay in order: SDPA's is_causal still holds
@@ -252,7 +356,7 @@ class DecoderSites:
         gathered = rows.gather(3, index[:, None, None, :].expand(-1, mask.shape[1], index.shape[1], -1))
         return gathered if dead is None else _mask_columns(gathered, dead)
 
-    def _gather_decode_mask(self, kwargs: dict, call: _Call, index: Tensor, dead: Tensor | None) -> None:
+    def _gather_decode_mask(self, kwargs: dict, call: DecoderCall, index: Tensor, dead: Tensor | None) -> None:
         mask = kwargs.get("attention_mask")
         kv_length = None
         if isinstance(mask, Tensor):
@@ -332,8 +436,26 @@ def _last_prompt_position(attend: Tensor) -> Tensor:
     return positions.masked_fill(~attend, -1).max(dim=1).values
 
 
-def _text_after_first_visual(text: Tensor, visual: Tensor) -> Tensor:
-    out = text.clone()
-    if bool(visual.any()):
-        out[: int(visual.float().argmax())] = False
+def text_after_visual(text: Tensor, visual: Tensor) -> Tensor:
+    """``[B, L]``: the ``text`` positions after each row's last visual token (DART's text pivots come
+    from the text that follows the image: the question). Rows without visual tokens keep none."""
+    positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+    last = positions.masked_fill(~visual, -1).max(dim=1, keepdim=True).values
+    return text & (positions > last) & (last >= 0)
+
+
+def _extend_layers(state: DecoderCall, length: int) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
+    """For a no-cache pass over ``length`` positions (the prefill's plus the generated ones): each site's
+    kept positions followed by every generated position, as the cached steps see them."""
+    extra = length - state.length
+    out = {}
+    before = state.length  # length of the sequence entering the current site
+    for layer, full, dead, relative in state.layers:
+        batch = full.shape[0]
+        generated = torch.arange(extra, device=full.device).expand(batch, extra)
+        full_ext = torch.cat([full, generated + state.length], dim=1)
+        relative_ext = torch.cat([relative, generated + before], dim=1)
+        dead_ext = None if dead is None else torch.cat([dead, torch.zeros_like(generated, dtype=torch.bool)], 1)
+        out[layer] = (full_ext, dead_ext, relative_ext)
+        before = full.shape[1]
     return out

@@ -12,6 +12,7 @@ Nothing of the model's own code is copied; ``remove`` deletes the hook and the i
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -21,10 +22,12 @@ from torch import Tensor
 
 from vtoken.sequence import Packing, pack_rows
 from vtoken.sites import Site
+from vtoken.stats import Stats
 from vtoken.tokens import TokenSet
 
 from .base import Integration
 from .decoder import DecoderSites
+from .generation import WrappedGenerate, count_new_tokens_only, refuse_unsupported_generation
 from .vit_sites import EncoderLayout, EncoderSites
 
 POSITION_MODES = ("compact", "original")
@@ -111,7 +114,7 @@ class HFVisionLanguage(Integration):
 
     def make_encoder_sites(self, sites: list[Site]) -> Any:
         """The hooks for ``vision(L)`` sites (a batched ViT by default)."""
-        return EncoderSites(self.pipeline, self.stats, self.encoder_layout(), sites)
+        return EncoderSites(self.pipeline, self.encoder_layout(), sites, self.key, self.end_call)
 
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -147,8 +150,8 @@ class HFVisionLanguage(Integration):
     def install(self) -> None:
         if self.settings["positions"] not in POSITION_MODES:
             raise ValueError(f"positions={self.settings['positions']!r}; accepted: {', '.join(POSITION_MODES)}")
-        self.check_sites()
-        self._handles, self.decoder, self.encoder_sites = [], None, None
+        self.check_pipeline()
+        self.decoder, self.encoder_sites = None, None
         self._had_generate = "generate" in self.model.__dict__
         self._saved_generate = self.model.__dict__.get("generate")
         try:
@@ -158,27 +161,19 @@ class HFVisionLanguage(Integration):
             raise
 
     def _install_hooks(self) -> None:
-        self._signature = inspect.signature(type(self.model).forward)
-        self._generate_signature = inspect.signature(type(self.model).generate)
-        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
-        original_generate = self.model.generate
-        integration = self
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            return integration._generate(original_generate, *args, **kwargs)
-
-        self.model.__dict__["generate"] = generate
+        self.hooks.add(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        # always_call: a call that raises still ends, so the next call in this thread starts clean
+        self.hooks.add(self.model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
+        self.model.__dict__["generate"] = WrappedGenerate(self)
         llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
         if llm_sites:
-            self.decoder = DecoderSites(self, self.language_model(), llm_sites)
+            self.decoder = DecoderSites(self.pipeline, self.language_model(), llm_sites, self.key)
         vision_sites = [site for site in self.pipeline.sites if site.kind == "vision"]
         if vision_sites:
             self.encoder_sites = self.make_encoder_sites(vision_sites)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.hooks.remove_all()
         if self._had_generate:
             self.model.__dict__["generate"] = self._saved_generate
         else:
@@ -196,43 +191,106 @@ class HFVisionLanguage(Integration):
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector", "llm")
 
-    # --- prefill ---------------------------------------------------------------------------------
+    # --- a forward call ----------------------------------------------------------------------------
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        inputs = self._signature.bind_partial(module, *args, **kwargs).arguments
-        inputs.pop("self", None)
-        inputs.update(inputs.pop("kwargs", {}))
+        call = self.current_call()
+        if call is not None and call.kind == "generate":
+            return self._generate_step(call, module, args, kwargs)
+        call = self.begin_call("forward")  # ended by _after_forward, also when the forward raises
+        inputs = _bind(type(module).forward, module, args, kwargs)
         if not self._has_images(inputs):
             return None
-        return (), self.prepare(inputs, for_generate=False)
+        return (), self.prepare(inputs, for_generate=False, call=call)
 
-    def _generate(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        inputs = self._generate_signature.bind_partial(self.model, *args, **kwargs).arguments
-        inputs.pop("self", None)
-        inputs.update(inputs.pop("kwargs", {}))
+    def _after_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        call = self.current_call()
+        if call is None or call.kind != "forward":
+            return None
+        try:
+            if output is not None and "labels" in call.parts:
+                self._llm_site_loss(module, output, call)
+        finally:
+            self.end_call(call)
+        return output
+
+    def _llm_site_loss(self, module: Any, output: Any, call: Any) -> None:
+        """The loss over the positions the language model kept: an llm(K) site shortens the sequence
+        inside the decoder, so the logits come back shorter than the labels the caller gave. The
+        labels are gathered at the kept positions (dropped slots ignored) and the model's own loss
+        function is applied, as it would have been to a prompt that held only those positions."""
+        labels = call.parts.pop("labels")
+        kept = self.decoder.kept_positions(call)
+        if kept is not None:
+            index, dead = kept
+            labels = labels.gather(1, index)
+            if dead is not None:
+                labels = labels.masked_fill(dead, -100)
+        if not hasattr(output, "logits"):
+            raise ValueError("labels with an llm(K) stage need return_dict=True (the default)")
+        vocab = module.config.get_text_config().vocab_size
+        output.loss = module.loss_function(logits=output.logits, labels=labels.to(output.logits.device),
+                                           vocab_size=vocab)
+
+    # --- a generate call ---------------------------------------------------------------------------
+    def _original_generate(self) -> Callable:
+        if self._had_generate:
+            return self._saved_generate
+        return type(self.model).generate.__get__(self.model)
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        original = self._original_generate()
+        inputs = _bind(type(self.model).generate, self.model, args, kwargs)
         if "inputs" in inputs:
             inputs["input_ids"] = inputs.pop("inputs")
-        if not self._has_images(inputs):
-            return original(**inputs)
-        original_ids = inputs["input_ids"]
-        with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
-            prepared = self.prepare(inputs, for_generate=True)
-        shrunk = prepared["input_ids"].shape[1]
-        output = original(**prepared)
-        return _restore_prompt(output, original_ids, shrunk)
+        refuse_unsupported_generation(inputs)
+        call = self.begin_call("generate")
+        try:
+            if not self._has_images(inputs):
+                return original(**inputs)
+            original_ids = inputs["input_ids"]
+            with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
+                prepared = self.prepare(inputs, for_generate=True, call=call)
+            count_new_tokens_only(self.model, prepared, original_ids.shape[1])
+            shrunk = prepared["input_ids"].shape[1]
+            call.parts["prompt"] = (prepared["inputs_embeds"], shrunk)
+            output = original(**prepared)
+            return _restore_prompt(output, original_ids, shrunk)
+        finally:
+            self.end_call(call)
+
+    def _generate_step(self, call: Any, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """A step of our own generate. Without a cache, generate feeds the whole sequence again as
+        ``input_ids``, whose visual placeholders the model cannot embed without the images: the
+        prompt's prepared embeddings are put back in front of the generated tokens' embeddings."""
+        prompt = call.parts.get("prompt")
+        inputs = _bind(type(module).forward, module, args, kwargs)
+        ids = inputs.get("input_ids")
+        cache = inputs.get("past_key_values")
+        if prompt is None or ids is None or inputs.get("inputs_embeds") is not None:
+            return None
+        if cache is not None and cache.get_seq_length() > 0:
+            return None
+        embeds, length = prompt
+        if ids.shape[1] < length:
+            return None
+        embeds = embeds.repeat_interleave(ids.shape[0] // embeds.shape[0], dim=0)
+        new = self.model.get_input_embeddings()(ids[:, length:]).to(embeds.dtype)
+        inputs["inputs_embeds"] = torch.cat([embeds, new], dim=1)
+        inputs["input_ids"] = None
+        return (), inputs
 
     def _has_images(self, inputs: dict[str, Any]) -> bool:
         return any(inputs.get(key) is not None for key in self.image_inputs if key != "image_sizes")
 
-    def prepare(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+    def prepare(self, inputs: dict[str, Any], for_generate: bool, call: Any) -> dict[str, Any]:
         """Encode the images, run the projector-site stages and shrink every per-position input."""
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError("vtoken needs input_ids to locate the image tokens; pass input_ids, not inputs_embeds")
-        self.stats.reset()
         projector = Site("projector")
         run_projector = projector in self.pipeline.sites
         encoded = self.encode_images(inputs, self.pipeline.signals_at(projector) if run_projector else {})
-        kept = self._run_projector(encoded, projector if run_projector else None)
+        kept = self._run_projector(encoded, projector if run_projector else None, call.stats)
 
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
@@ -284,10 +342,13 @@ class HFVisionLanguage(Integration):
             out["input_ids"] = input_ids if packing is None else packing.gather(input_ids, pad_value=pad)
         self.after_prepare(out)
         if self.decoder is not None:
-            self.decoder.expect_prefill(Prefill(visual=visual, units=units, attention_mask=out.get("attention_mask")))
+            if not for_generate and out.get("labels") is not None:
+                call.parts["labels"] = out.pop("labels")  # the loss is taken after the decoder shrank the sequence
+            self.decoder.expect_prefill(call, Prefill(visual=visual, units=units,
+                                                      attention_mask=out.get("attention_mask")))
         return out
 
-    def _run_projector(self, encoded: Encoded, site: Site | None) -> list[tuple[Tensor, Tensor]]:
+    def _run_projector(self, encoded: Encoded, site: Site | None, stats: Stats) -> list[tuple[Tensor, Tensor]]:
         """Per unit: the features that stay ``[K, D]`` and the block slots they go to ``[K]``.
 
         Units of the same size and grid are selected together in one batch; stages treat rows
@@ -313,14 +374,14 @@ class HFVisionLanguage(Integration):
                          for name in units[members[0]].signals},
             )
             share = encoded.scoring_seconds * len(members) / len(units)
-            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=share, total=budget)
+            after, keep = self.pipeline.run(site, tokens, stats, scoring_seconds=share, total=budget)
             for row, i in enumerate(members):
                 result[i] = (after.features[row], after.index[row])
                 kept_record[i] = after.index[row]
                 merged_record[i] = None if keep.assign is None else keep.assign[row]
-        self.stats.kept[str(site)] = kept_record
+        stats.kept[str(site)] = kept_record
         if any(m is not None for m in merged_record):
-            self.stats.merged[str(site)] = merged_record
+            stats.merged[str(site)] = merged_record
         return result
 
     def _assemble_blocks(self, encoded: Encoded, kept: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
@@ -382,9 +443,27 @@ def _pad_id(model: Any, input_ids: Tensor) -> int:
 
 
 def _restore_prompt(output: Any, original_ids: Tensor, shrunk_length: int) -> Any:
-    """Put the caller's original prompt back in front of the generated tokens."""
+    """Put the caller's original prompt back in front of the generated tokens (each prompt repeated for
+    its several returned sequences, as generate returns them: a prompt's sequences are adjacent)."""
+    sequences = output if isinstance(output, Tensor) else getattr(output, "sequences", None)
+    if sequences is None:
+        return output
+    prompts = original_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // original_ids.shape[0], dim=0)
+    restored = torch.cat([prompts, sequences[:, shrunk_length:]], dim=1)
     if isinstance(output, Tensor):
-        return torch.cat([original_ids, output[:, shrunk_length:]], dim=1)
-    if hasattr(output, "sequences"):
-        output.sequences = torch.cat([original_ids, output.sequences[:, shrunk_length:]], dim=1)
+        return restored
+    output.sequences = restored
     return output
+
+
+def _bind(function: Callable, owner: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name (``**kwargs`` flattened in), as ``function`` would receive them."""
+    inputs = _signature(function).bind_partial(owner, *args, **kwargs).arguments
+    inputs.pop("self", None)
+    inputs.update(inputs.pop("kwargs", {}))
+    return inputs
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)

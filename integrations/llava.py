@@ -21,9 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import kernels
+from vtoken import kernels, signals
 from vtoken.registry import register_integration
-
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
@@ -38,8 +37,23 @@ class LlavaIntegration(HFVisionLanguage):
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
+    site_signals: ClassVar[dict[str, frozenset[str]]] = {
+        "vision": signals.VISION, "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
+    }
+
     def site_layers(self) -> dict[str, int]:
         return {"llm": len(self.language_model().layers), "vision": len(self.vision_layers())}
+
+    def layer_range(self, kind: str) -> range:
+        if kind == "vision":  # only blocks before the one that produces the features LLaVA reads
+            return range(0, self._first_feature_block(self.model.config.vision_feature_layer))
+        return super().layer_range(kind)
+
+    def layer_note(self, kind: str) -> str:
+        if kind != "vision":
+            return ""
+        block = self._first_feature_block(self.model.config.vision_feature_layer)
+        return f"blocks before block {block}, which produces the vision feature layer LLaVA reads"
 
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("vision", "projector", "llm")
@@ -50,16 +64,16 @@ class LlavaIntegration(HFVisionLanguage):
         return EncoderLayout(blocks=self.vision_layers(), prefix=1, grid=(side, side),
                              mlp=lambda block: block.mlp, cls_row=self._cls_row)
 
-    def check_sites(self) -> None:
-        super().check_sites()
-        self._check_vision_sites(self.model.config.vision_feature_layer)
-
-    def _check_vision_sites(self, feature_layer: int | list[int]) -> None:
-        """Pruning must happen before the block that produces the feature layer (hidden state h comes out
-        of block h-1), so that the features LLaVA reads are the pruned ones."""
+    def _first_feature_block(self, feature_layer: int | list[int]) -> int:
+        """The first block whose output LLaVA reads as features (hidden state h comes out of block h-1):
+        pruning must happen before it, so that the features LLaVA reads are the pruned ones."""
         count = len(self.vision_layers())
         layers = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
-        first_block = min((h if h >= 0 else count + 1 + h) - 1 for h in layers)
+        return min((h if h >= 0 else count + 1 + h) - 1 for h in layers)
+
+    def _check_vision_sites(self, feature_layer: int | list[int]) -> None:
+        """A call may ask for another ``vision_feature_layer`` than the config's: check it again."""
+        first_block = self._first_feature_block(feature_layer)
         for site in self.pipeline.sites:
             if site.kind == "vision" and site.layer >= first_block:
                 raise ValueError(f"{site} is at or after the vision feature layer's block ({first_block}); "
@@ -96,8 +110,10 @@ class LlavaIntegration(HFVisionLanguage):
         features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
         grid, index = (side, side), None
-        if self.encoder_sites is not None and self.encoder_sites.index is not None:
-            grid, index = self.encoder_sites.grid, self.encoder_sites.index
+        if self.encoder_sites is not None:
+            pruned, pruned_grid = self.encoder_sites.result()
+            if pruned is not None:
+                grid, index = pruned_grid, pruned
         if strategy != "default":
             grid = None  # [CLS] is one of the tokens: no pure grid
         computed: dict[str, Tensor] = {}

@@ -50,9 +50,6 @@ class LlavaNextIntegration(LlavaIntegration):
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector", "llm")
 
-    def check_sites(self) -> None:
-        super(LlavaIntegration, self).check_sites()
-
     def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> Encoded:
         config = self.model.config
         layer = inputs.get("vision_feature_layer") or config.vision_feature_layer

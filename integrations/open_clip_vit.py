@@ -20,7 +20,7 @@ Map of the model:
   scaled-cosine attention (``scaled_cosine_attn=True``).
 - ``mlp_shift`` (``repshift``): the output of ``block.ls_2``, exactly the update ``x + ls_2(mlp(ln_2(x)))``
   adds.
-After a call, ``model.vtoken.integration.encoder_sites.index`` holds the original grid position of every
+After a call, ``model.vtoken.stats.kept["vision(L)"]`` holds the original grid position of every
 surviving patch. Models whose ``.visual`` is a ``TimmModel`` are timm ViTs: wrap ``model.visual.trunk``
 with the ``timm_vit`` integration.
 """

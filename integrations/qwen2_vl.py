@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from vtoken import signals
 from vtoken.registry import register_integration
 from vtoken.sites import Site
 from vtoken.stats import clock
@@ -55,7 +56,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
     def install(self) -> None:
         if self.settings["positions"] != "original":
             raise ValueError(
-                f"positions={self.settings['positions']!r}: Qwen2-VL keeps M-RoPE positions; accepted: 'original' "
+                f"positions={self.settings['positions']!r}: {self.family} keeps M-RoPE positions; accepted: 'original' "
                 "(an image's 3-D positions span max(h, w)/2 whatever its token count, so there is nothing to compact)"
             )
         if self.settings["video_budget"] not in VIDEO_BUDGETS:
@@ -64,6 +65,10 @@ class Qwen2VLIntegration(HFVisionLanguage):
 
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
+
+    site_signals: ClassVar[dict[str, frozenset[str]]] = {
+        "vision": signals.VISION, "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
+    }
 
     def site_layers(self) -> dict[str, int]:
         return {"llm": len(self.language_model().layers), "vision": len(self.vision().blocks)}
@@ -75,9 +80,9 @@ class Qwen2VLIntegration(HFVisionLanguage):
 
     def make_encoder_sites(self, sites: list) -> QwenVisionSites:
         if "cls_attn" in self.pipeline.signals_at(Site("projector")):
-            raise ValueError("on Qwen2-VL, cls_attn at the projector cannot follow vision(L) pruning; "
+            raise ValueError(f"on {self.family}, cls_attn at the projector cannot follow vision(L) pruning; "
                              "run cls_attn at a vision(L) site instead")
-        return QwenVisionSites(self.pipeline, self.stats, self.vision(), sites, self._vision_rotary())
+        return QwenVisionSites(self.pipeline, self.vision(), sites, self._vision_rotary(), self.key, self.end_call)
 
     def vision(self) -> torch.nn.Module:
         return self.model.model.visual
@@ -158,7 +163,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
         if requested is None:
             return full[-1]
         if len(requested) != 1:
-            raise ValueError("cls_attn on Qwen2-VL scores one vision block; pass layers=(L,) with a single block")
+            raise ValueError(f"cls_attn on {self.family} scores one vision block; pass layers=(L,) with a single block")
         block = requested[0] if requested[0] >= 0 else blocks + requested[0]
         if not 0 <= block < blocks:
             raise ValueError(f"cls_attn layer {requested[0]} is not a vision block; accepted: 0..{blocks - 1} "
@@ -203,7 +208,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
         """The M-RoPE positions the unwrapped model would use: ``[3, B, L]`` for a forward pass,
         ``[4, B, L]`` (text row first) for generate."""
         if inputs.get("mm_token_type_ids") is None:
-            raise ValueError("Qwen2-VL needs mm_token_type_ids (the processor returns them) to place image tokens")
+            raise ValueError(f"{self.family} needs mm_token_type_ids (the processor returns them) to place image tokens")
         extra = {}
         if inputs.get("second_per_grid_ts") is not None:
             extra["second_per_grid_ts"] = inputs["second_per_grid_ts"]

@@ -25,11 +25,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from vtoken import kernels
+from vtoken import calls, kernels, signals
+from vtoken.calls import Call
 from vtoken.pipeline import Pipeline
 from vtoken.sites import Site
-from vtoken.stats import Stats, clock
+from vtoken.stats import clock
 from vtoken.tokens import TokenSet
+
+from .base import HookSet
 
 QUERY_CHUNK = 256
 
@@ -72,37 +75,40 @@ class _State:
 
 
 class QwenVisionSites:
-    def __init__(self, pipeline: Pipeline, stats: Stats, visual: torch.nn.Module, sites: list[Site],
-                 apply_rotary: Callable) -> None:
-        self.pipeline, self.stats, self.visual = pipeline, stats, visual
+    def __init__(self, pipeline: Pipeline, visual: torch.nn.Module, sites: list[Site], apply_rotary: Callable,
+                 key: int, end_call: Callable[[Call], None]) -> None:
+        """``key``: the integration's call key; ``end_call``: how it ends a call the tower ran alone in."""
+        self.pipeline, self.visual, self.key, self.end_call = pipeline, visual, key, end_call
         self.apply_rotary = apply_rotary
         self.unit = visual.spatial_merge_size ** 2
         self.sites = {site.layer: site for site in sites}
-        self.grid_thw: Tensor | None = None
-        self.state = _State()
         blocks = visual.blocks
-        self.handles = [visual.register_forward_pre_hook(self._start, with_kwargs=True)]
+        self.hooks = HookSet()
+        self.hooks.add(visual.register_forward_pre_hook(self._start, with_kwargs=True))
+        self.hooks.add(visual.register_forward_hook(self._finish, always_call=True))
         for layer, site in self.sites.items():
             wanted = pipeline.signals_at(site)
-            unknown = set(wanted) - {"cls_attn", "mlp_shift"}
-            if unknown:
-                raise ValueError(f"stages at {site} need {sorted(unknown)}; vision sites provide cls_attn, mlp_shift")
             # the block's input (for cls_attn) and its cu_seqlens / rotary table (for the first site)
-            self.handles.append(blocks[layer].register_forward_pre_hook(
-                partial(self._capture_input, "cls_attn" in wanted), with_kwargs=True))
-            if "mlp_shift" in wanted:
-                self.handles.append(blocks[layer].mlp.register_forward_hook(self._capture_mlp))
-            self.handles.append(blocks[layer].register_forward_hook(partial(self._prune, site)))
+            self.hooks.add(blocks[layer].register_forward_pre_hook(
+                partial(self._capture_input, signals.CLS_ATTN in wanted), with_kwargs=True))
+            if signals.MLP_SHIFT in wanted:
+                self.hooks.add(blocks[layer].mlp.register_forward_hook(self._capture_mlp))
+            self.hooks.add(blocks[layer].register_forward_hook(partial(self._prune, site)))
         for layer in range(min(self.sites) + 1, len(blocks)):
-            self.handles.append(blocks[layer].register_forward_pre_hook(self._shrunk_kwargs, with_kwargs=True))
+            self.hooks.add(blocks[layer].register_forward_pre_hook(self._shrunk_kwargs, with_kwargs=True))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.hooks.remove_all()
+
+    def _state(self) -> _State | None:
+        call = calls.current(self.key)
+        return None if call is None else call.parts.get("qwen_vision")
 
     # --- hooks -----------------------------------------------------------------------------------
     def _start(self, module: Any, args: tuple, kwargs: dict) -> None:
+        call = calls.current(self.key)
+        if call is None:  # the tower called on its own: its pass is a call
+            call = calls.begin(self.key, Call(kind="encoder"))
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         merge = self.visual.spatial_merge_size
         segments = []
@@ -111,20 +117,25 @@ class QwenVisionSites:
             for frame in range(t):
                 index = torch.arange(per_frame, device=grid_thw.device) + frame * per_frame
                 segments.append(_Segment(image=image, offset=frame * per_frame, index=index, grid=(h // merge, w // merge)))
-        self.grid_thw = grid_thw
-        self.state = _State(segments=segments)
+        call.parts["qwen_vision"] = _State(segments=segments)
+
+    def _finish(self, module: Any, args: tuple, output: Any) -> None:
+        call = calls.current(self.key)
+        if call is not None and call.kind == "encoder":
+            self.end_call(call)
 
     def _capture_input(self, wants_input: bool, module: Any, args: tuple, kwargs: dict) -> None:
-        self.state.captured["kwargs"] = dict(kwargs)
+        state = self._state()
+        state.captured["kwargs"] = dict(kwargs)
         if wants_input:
-            self.state.captured["input"] = args[0] if args else kwargs["hidden_states"]
+            state.captured["input"] = args[0] if args else kwargs["hidden_states"]
 
     def _capture_mlp(self, module: Any, args: tuple, output: Tensor) -> None:
-        self.state.captured["mlp"] = output
+        self._state().captured["mlp"] = output
 
     def _shrunk_kwargs(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        state = self.state
-        if state.cu_seqlens is None:
+        state = self._state()
+        if state is None or state.cu_seqlens is None:
             return None
         kwargs["cu_seqlens"] = state.cu_seqlens
         kwargs["position_embeddings"] = state.rotary
@@ -133,7 +144,8 @@ class QwenVisionSites:
         return args, kwargs
 
     def _prune(self, site: Site, module: Any, args: tuple, output: Tensor) -> Tensor:
-        state = self.state
+        call = calls.current(self.key)
+        state = call.parts["qwen_vision"]
         hidden = output
         device = hidden.device
         block_kwargs = state.captured.pop("kwargs")
@@ -145,13 +157,13 @@ class QwenVisionSites:
         per_patch: dict[str, Tensor] = {}
         if "input" in state.captured:
             block_input = state.captured.pop("input")
-            per_patch["cls_attn"] = received_attention(module, block_input, cu_seqlens, rotary, self.apply_rotary)
+            per_patch[signals.CLS_ATTN] = received_attention(module, block_input, cu_seqlens, rotary, self.apply_rotary)
         if "mlp" in state.captured:
-            per_patch["mlp_shift"] = state.captured.pop("mlp").float().norm(dim=-1)
+            per_patch[signals.MLP_SHIFT] = state.captured.pop("mlp").float().norm(dim=-1)
         scoring = clock(device) - start
 
         units = hidden.view(-1, self.unit * hidden.shape[-1])  # one row per merge group
-        signals = {name: value.view(-1, self.unit).mean(1) for name, value in per_patch.items()}
+        per_group = {name: value.view(-1, self.unit).mean(1) for name, value in per_patch.items()}
         bounds = (cu_seqlens // self.unit).tolist()
         groups: dict[tuple, list[int]] = {}
         for s, segment in enumerate(state.segments):
@@ -163,9 +175,10 @@ class QwenVisionSites:
             tokens = TokenSet(
                 features=torch.stack([units[span] for span in spans]), grid=grid,
                 index=torch.stack([state.segments[s].index for s in members]),
-                signals={name: torch.stack([value[span] for span in spans]) for name, value in signals.items()},
+                signals={name: torch.stack([value[span] for span in spans]) for name, value in per_group.items()},
             )
-            after, keep = self.pipeline.run(site, tokens, self.stats, scoring_seconds=scoring * len(members) / len(state.segments))
+            share = scoring * len(members) / len(state.segments)
+            after, keep = self.pipeline.run(site, tokens, call.stats, scoring_seconds=share)
             for row, s in enumerate(members):
                 kept_rows[s] = spans[row][keep.indices[row]]
                 kept_features[s] = after.features[row]
@@ -176,15 +189,16 @@ class QwenVisionSites:
         state.rotary = tuple(t[patch_rows] for t in rotary)
         counts = torch.tensor([f.shape[0] * self.unit for f in kept_features], device=device)
         state.cu_seqlens = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(cu_seqlens.dtype)
-        self.stats.kept[str(site)] = [segment.index for segment in state.segments]
+        call.stats.kept[str(site)] = [segment.index for segment in state.segments]
         return torch.cat(kept_features).reshape(-1, hidden.shape[-1]).to(hidden.dtype)
 
     # --- results ---------------------------------------------------------------------------------
     def image_results(self) -> list[tuple[Tensor, tuple[int, int] | None]]:
-        """Per image or clip: the original merge-group index of every surviving group, and the grid
-        they still form (None once a selection broke it, or for multi-frame clips)."""
+        """Per image or clip of the tower's pass in this call: the original merge-group index of every
+        surviving group, and the grid they still form (None once a selection broke it, or for
+        multi-frame clips)."""
         per_image: dict[int, list[_Segment]] = {}
-        for segment in self.state.segments:
+        for segment in self._state().segments:
             per_image.setdefault(segment.image, []).append(segment)
         results = []
         for image in sorted(per_image):

@@ -19,8 +19,8 @@ Map of the model:
   ``'token'`` or ``''``).
 - ``mlp_shift`` (``repshift``): the output of ``block.ls2``, which is exactly the residual update
   ``x = x + drop_path2(ls2(mlp(norm2(x))))`` adds (``norm2`` for ``ResPostBlock``).
-After a call, ``model.vtoken.integration.encoder_sites.index`` holds the original grid position of every
-surviving patch (``.grid`` the grid they still form after merging, else None).
+After a call, ``model.vtoken.stats.kept["vision(L)"]`` holds, per image, the original grid position of
+every patch that survived site L.
 
 Not supported (refused with a message when met): ``attn_mask`` arguments (the mask would not match the
 shortened sequence), gradient checkpointing with gradients enabled, patch dropout in training mode,
@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import kernels
+from vtoken import kernels, signals
 from vtoken.registry import register_integration
 
 from .base import Integration
@@ -84,15 +84,17 @@ class VisionEncoderIntegration(Integration):
         return False
 
     # --- the Integration contract ----------------------------------------------------------------
+    site_signals: ClassVar[dict[str, frozenset[str]]] = {"vision": signals.VISION}
+
     def site_layers(self) -> dict[str, int]:
         return {"vision": len(self.blocks()) - 1}
 
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("vision",)
 
-    def check_sites(self) -> None:
+    def check_pipeline(self) -> None:
         depth = len(self.blocks())
-        self.pipeline.resolve_sites({"vision": depth})  # vision(-1) is the last block
+        self.pipeline = self.pipeline.resolved({"vision": depth})  # vision(-1) is the last block
         accepted = f"vision(L) with 0 <= L < {depth - 1} (pass layer=L or site='vision(L)')"
         for stage in self.pipeline.stages:
             site = stage.site
@@ -107,24 +109,23 @@ class VisionEncoderIntegration(Integration):
                                  f"accepted: {accepted}")
 
     def install(self) -> None:
-        self.check_sites()
+        self.check_pipeline()
         self._check_signals()
-        self.handles: list[Any] = []
         self.encoder_sites: EncoderSites | None = None
         self.layout = self.encoder_layout()
         try:
-            self.handles.extend(self.input_hooks())
+            for handle in self.input_hooks():
+                self.hooks.add(handle)
             first = self.blocks()[0]
-            self.handles.append(first.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
-            self.encoder_sites = EncoderSites(self.pipeline, self.stats, self.layout, self.pipeline.sites)
+            self.hooks.add(first.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
+            self.encoder_sites = EncoderSites(self.pipeline, self.layout, self.pipeline.sites, self.key,
+                                              self.end_call)
         except BaseException:
             self.remove()  # a failed wrap leaves no trace
             raise
 
     def remove(self) -> None:
-        for handle in getattr(self, "handles", []):
-            handle.remove()
-        self.handles = []
+        self.hooks.remove_all()
         if getattr(self, "encoder_sites", None) is not None:
             self.encoder_sites.remove()
             self.encoder_sites = None
@@ -135,10 +136,10 @@ class VisionEncoderIntegration(Integration):
         blocks = self.blocks()
         for site in self.pipeline.sites:
             wanted = self.pipeline.signals_at(site)
-            unknown = set(wanted) - {"cls_attn", "mlp_shift"}
+            unknown = set(wanted) - signals.VISION
             if unknown:
-                raise ValueError(f"stages at {site} need signal(s) {sorted(unknown)}, which {self.name} "
-                                 "does not provide; accepted there: cls_attn, mlp_shift")
+                raise ValueError(f"stages at {site} need the signal(s) {signals.describe(unknown)}, which "
+                                 f"{self.name} does not provide; {site} provides: {signals.describe(signals.VISION)}")
             block = blocks[site.layer]
             if "cls_attn" in wanted:
                 reason = self.cls_attn_refusal(block)
@@ -150,7 +151,6 @@ class VisionEncoderIntegration(Integration):
                                  "separate MLP residual update to measure")
 
     def _on_encoder_start(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self.stats.reset()
         if kwargs.get("attn_mask") is not None:
             raise ValueError("vtoken's vision(L) pruning cannot run with an attn_mask: the mask would not "
                              "match the sequence shortened after the pruning block; drop the attn_mask")
@@ -159,7 +159,8 @@ class VisionEncoderIntegration(Integration):
                              "blocks would see another sequence); disable it or run under torch.no_grad()")
         hidden = args[0] if args else kwargs.get("x", kwargs.get("q_x"))
         tokens = hidden.shape[0 if self.layout.seq_first else 1]
-        h, w = self.layout.grid
+        call = self.encoder_sites.start_call()
+        h, w = call.parts.get("encoder_grid", self.layout.grid)
         expected = self.layout.prefix + h * w
         if tokens != expected:
             raise ValueError(
@@ -204,12 +205,14 @@ class TimmViTIntegration(VisionEncoderIntegration):
         return [self.model.patch_embed.register_forward_hook(self._read_grid)]
 
     def _read_grid(self, module: Any, args: tuple, output: Tensor) -> None:
+        """This call's patch grid (a call of its own starts here, before the first block)."""
         if isinstance(output, Tensor) and output.dim() == 4:
             fmt = getattr(module, "output_fmt", "NHWC")
             fmt = str(getattr(fmt, "value", fmt))
-            self.layout.grid = tuple(output.shape[2:4]) if fmt == "NCHW" else tuple(output.shape[1:3])
+            grid = tuple(output.shape[2:4]) if fmt == "NCHW" else tuple(output.shape[1:3])
         else:
-            self.layout.grid = tuple(int(s) for s in self.model.patch_embed.grid_size)
+            grid = tuple(int(s) for s in self.model.patch_embed.grid_size)
+        self.encoder_sites.start_call(grid)
 
     def mlp_update(self, block: torch.nn.Module) -> torch.nn.Module | None:
         module = _timm_classes()

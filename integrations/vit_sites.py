@@ -9,23 +9,28 @@ keep (or merge); the following blocks then simply run on the shorter sequence: n
 Signals at ``vision(L)``: ``cls_attn`` (the [CLS] row of block L's attention, recomputed from the
 block's input by a model-specific ``cls_row``) and ``mlp_shift`` (the L2 norm of the update block
 L's MLP adds to each token, captured at the MLP's output).
-After the encoder, ``index`` holds each surviving patch token's original grid position and ``grid``
-the grid they still form (after merging), for the integration to map features back to placeholders.
+After the encoder, ``result(call)`` gives each surviving patch token's original grid position and the
+grid they still form (after merging), for the integration to map features back to placeholders; the
+call's stats hold the same as ``kept``. All of it is per call (``vtoken.calls``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from vtoken import calls, signals
+from vtoken.calls import Call
 from vtoken.pipeline import Pipeline
 from vtoken.sites import Site
-from vtoken.stats import Stats, clock
+from vtoken.stats import clock
 from vtoken.tokens import TokenSet
+
+from .base import HookSet
 
 
 @dataclass
@@ -40,15 +45,30 @@ class EncoderLayout:
     cls_row: Callable[[torch.nn.Module, Tensor], Tensor] | None = None
 
 
+@dataclass
+class EncoderCall:
+    """The state of one pass through the encoder: what survives so far and the captured signals."""
+
+    grid: tuple[int, int] | None
+    index: Tensor | None = None
+    weights: Tensor | None = None
+    captured: dict[str, Tensor] = field(default_factory=dict)
+
+
 class EncoderSites:
-    def __init__(self, pipeline: Pipeline, stats: Stats, layout: EncoderLayout, sites: list[Site]) -> None:
-        self.pipeline, self.stats, self.layout = pipeline, stats, layout
+    """The hooks of the ``vision(L)`` sites of one encoder. A model's own call (a VLM's forward or
+    generate) carries the state; a standalone encoder's pass is a call of its own, from its first
+    block (or an earlier ``start_call``) to its last block."""
+
+    def __init__(self, pipeline: Pipeline, layout: EncoderLayout, sites: list[Site], key: int,
+                 end_call: Callable[[Call], None]) -> None:
+        """``key``: the integration's call key; ``end_call``: how the integration ends (and publishes) a
+        standalone encoder's call."""
+        self.pipeline, self.layout, self.key, self.end_call = pipeline, layout, key, end_call
         self.sites = {site.layer: site for site in sites}
-        self.index: Tensor | None = None
-        self.grid: tuple[int, int] | None = layout.grid
-        self.weights: Tensor | None = None
-        self._captured: dict[str, Tensor] = {}
-        self.handles = [layout.blocks[0].register_forward_pre_hook(self._reset)]
+        self.hooks = HookSet()
+        self.hooks.add(layout.blocks[0].register_forward_pre_hook(self._reset))
+        self.hooks.add(layout.blocks[-1].register_forward_hook(self._finish, always_call=True))
         try:
             self._install()
         except BaseException:
@@ -60,54 +80,83 @@ class EncoderSites:
         for layer, site in self.sites.items():
             block = layout.blocks[layer]
             wanted = pipeline.signals_at(site)
-            unknown = set(wanted) - {"cls_attn", "mlp_shift"}
-            if unknown:
-                raise ValueError(f"stages at {site} need signal(s) {sorted(unknown)}, which vision sites do not "
-                                 "provide; accepted there: cls_attn, mlp_shift")
-            if "cls_attn" in wanted:
+            if signals.CLS_ATTN in wanted:
                 if layout.cls_row is None or layout.prefix < 1:
                     raise ValueError(f"cls_attn at {site} needs a [CLS] token, which this encoder does not have")
-                self.handles.append(block.register_forward_pre_hook(self._capture_input, with_kwargs=True))
-            if "mlp_shift" in wanted:
+                self.hooks.add(block.register_forward_pre_hook(self._capture_input, with_kwargs=True))
+            if signals.MLP_SHIFT in wanted:
                 if layout.mlp is None:
                     raise ValueError(f"repshift at {site}: this encoder's blocks have no separable MLP")
-                self.handles.append(layout.mlp(block).register_forward_hook(self._capture_mlp))
-            self.handles.append(block.register_forward_hook(partial(self._prune, site)))
+                self.hooks.add(layout.mlp(block).register_forward_hook(self._capture_mlp))
+            self.hooks.add(block.register_forward_hook(partial(self._prune, site)))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.hooks.remove_all()
 
+    # --- per-call state --------------------------------------------------------------------------
+    def start_call(self, grid: tuple[int, int] | None = None) -> Call:
+        """The current call, or a new encoder call when none is running (a standalone encoder); ``grid``:
+        this call's patch grid when it differs from the layout's (dynamic image sizes)."""
+        call = calls.current(self.key)
+        # an encoder call that already ran its blocks is a stale one (a pass that raised half-way)
+        if call is None or (call.kind == "encoder" and "encoder" in call.parts):
+            call = calls.begin(self.key, Call(kind="encoder"))
+        if grid is not None:
+            call.parts["encoder_grid"] = grid
+        return call
+
+    def state(self, call: Call | None = None) -> EncoderCall | None:
+        call = call if call is not None else calls.current(self.key)
+        return None if call is None else call.parts.get("encoder")
+
+    def result(self, call: Call | None = None) -> tuple[Tensor | None, tuple[int, int] | None]:
+        """After the encoder ran in ``call``: the original grid index of every surviving patch per
+        image ``[B, N']`` and the grid they still form (None once a selection broke it)."""
+        state = self.state(call)
+        if state is None:
+            return None, self.layout.grid
+        return state.index, state.grid
+
+    # --- hooks -----------------------------------------------------------------------------------
     def _reset(self, module: Any, args: tuple) -> None:
-        self.index, self.grid, self.weights = None, self.layout.grid, None
-        self._captured = {}
+        call = self.start_call()
+        call.parts["encoder"] = EncoderCall(grid=call.parts.get("encoder_grid", self.layout.grid))
+
+    def _finish(self, module: Any, args: tuple, output: Any) -> None:
+        call = calls.current(self.key)
+        if call is not None and call.kind == "encoder":
+            self.end_call(call)
 
     def _capture_input(self, module: Any, args: tuple, kwargs: dict) -> None:
+        state = self.state()
         hidden = args[0] if args else next(iter(kwargs.values()))
-        self._captured["input"] = hidden.transpose(0, 1) if self.layout.seq_first else hidden
+        state.captured["input"] = hidden.transpose(0, 1) if self.layout.seq_first else hidden
 
     def _capture_mlp(self, module: Any, args: tuple, output: Tensor) -> None:
-        self._captured["mlp"] = output.transpose(0, 1) if self.layout.seq_first else output
+        state = self.state()
+        if state is not None:
+            state.captured["mlp"] = output.transpose(0, 1) if self.layout.seq_first else output
 
     def _prune(self, site: Site, module: Any, args: tuple, output: Any) -> Any:
+        call = calls.current(self.key)
+        state = self.state(call)
         hidden = output[0] if isinstance(output, tuple) else output
         x = hidden.transpose(0, 1) if self.layout.seq_first else hidden
         prefix, patches = x[:, : self.layout.prefix], x[:, self.layout.prefix :]
         batch, n = patches.shape[:2]
         start = clock(x.device)
-        signals: dict[str, Tensor] = {}
-        if "input" in self._captured:
-            row = self.layout.cls_row(module, self._captured.pop("input"))
-            signals["cls_attn"] = row[:, self.layout.prefix :]
-        if "mlp" in self._captured:
-            signals["mlp_shift"] = self._captured.pop("mlp")[:, self.layout.prefix :].float().norm(dim=-1)
+        computed: dict[str, Tensor] = {}
+        if "input" in state.captured:
+            row = self.layout.cls_row(module, state.captured.pop("input"))
+            computed[signals.CLS_ATTN] = row[:, self.layout.prefix :]
+        if "mlp" in state.captured:
+            computed[signals.MLP_SHIFT] = state.captured.pop("mlp")[:, self.layout.prefix :].float().norm(dim=-1)
         scoring = clock(x.device) - start
-        index = self.index if self.index is not None else torch.arange(n, device=x.device).expand(batch, n)
-        tokens = TokenSet(features=patches, index=index, grid=self.grid, weights=self.weights, signals=signals)
-        after, _ = self.pipeline.run(site, tokens, self.stats, scoring_seconds=scoring)
-        self.index, self.grid, self.weights = after.index, after.grid, after.weights
-        self.stats.kept[str(site)] = list(after.index)
+        index = state.index if state.index is not None else torch.arange(n, device=x.device).expand(batch, n)
+        tokens = TokenSet(features=patches, index=index, grid=state.grid, weights=state.weights, signals=computed)
+        after, _ = self.pipeline.run(site, tokens, call.stats, scoring_seconds=scoring)
+        state.index, state.grid, state.weights = after.index, after.grid, after.weights
+        call.stats.kept[str(site)] = list(after.index)
         new = torch.cat([prefix, after.features.to(x.dtype)], dim=1)
         new = new.transpose(0, 1) if self.layout.seq_first else new
         return (new, *output[1:]) if isinstance(output, tuple) else new

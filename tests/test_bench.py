@@ -107,7 +107,7 @@ def test_llm_site_oracle_replays_the_selection_exactly():
         state = model.vtoken
         kept = {site: list(value) for site, value in state.stats.kept.items()}
         family = bench.family_for(model)
-        oracle = bench._llm_oracle(model, family, batch, captured, state.integration.decoder.call, kept,
+        oracle = bench._llm_oracle(model, family, batch, captured, state.integration.last_call.parts["decoder"], kept,
                                    [vtoken.Site("llm", 2)])
         try:
             got = oracle["llm"]()

@@ -180,7 +180,7 @@ def test_cls_attn_substitute_equals_dense_reference(version, block):
     expected = received_attention_reference(model, batch, block, window=version == "2.5")
     from vtoken.integrations import Qwen2VLIntegration
 
-    integration = Qwen2VLIntegration(model, vtoken.Pipeline([vtoken.ClsAttn(layers=(block,))], keep=4), vtoken.Stats())
+    integration = Qwen2VLIntegration(model, vtoken.Pipeline([vtoken.ClsAttn(layers=(block,))], keep=4))
     integration.encoder_sites = None
     with torch.no_grad():
         encoded = integration.encode_images(batch, {"cls_attn": {"layers": (block,)}})

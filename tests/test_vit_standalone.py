@@ -166,7 +166,8 @@ def test_timm_vit_base_pixel_shuffle_at_layer_6(monkeypatch):
     assert len(sdpa_calls) == 12, "every block still runs its fused attention"
     records = [(r.stage, r.site, r.tokens_in, r.tokens_out, r.calls) for r in model.vtoken.stats.records]
     assert records == [("pixel_shuffle", "vision(6)", 196, 49, 1)]
-    assert model.vtoken.integration.encoder_sites.grid == (7, 7)
+    integration = model.vtoken.integration
+    assert integration.encoder_sites.result(integration.last_call)[1] == (7, 7)
     monkeypatch.undo()
     vtoken.unwrap(model)
     assert_restored(model, x, expected, before, params)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .pipeline import Pipeline, stages_from_names
@@ -20,7 +20,11 @@ class WrapState:
 
     pipeline: Pipeline
     integration: Any
-    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def stats(self) -> Stats:
+        """Tokens in/out and time per stage of the last call that finished (any thread)."""
+        return self.integration.stats
 
     def __repr__(self) -> str:
         return f"vtoken({self.pipeline.describe()} on {self.integration.name}, keep={self.pipeline.keep!r})"
@@ -39,12 +43,12 @@ def wrap(model: Any, method: "str | Stage | Pipeline", keep: int | float | None 
         raise ValueError(f"this model is already wrapped ({getattr(model, ATTRIBUTE)!r}); call vtoken.unwrap(model) first")
     integration_cls = find_integration(model)
     integration_options = {name: options.pop(name) for name in list(options) if name in integration_cls.options}
-    pipeline = build_pipeline(method, keep, options)
-    state = WrapState(pipeline=pipeline, integration=None)
-    integration = integration_cls(model, pipeline, state.stats, **integration_options)
-    state.integration = integration
+    pipeline = build_pipeline(method, keep, options, integration_options=sorted(integration_cls.options))
+    pipeline.check_budgets()
+    pipeline.check_grids()
+    integration = integration_cls(model, pipeline, **integration_options)
     integration.install()
-    setattr(model, ATTRIBUTE, state)
+    setattr(model, ATTRIBUTE, WrapState(pipeline=integration.pipeline, integration=integration))
     return model
 
 
@@ -81,25 +85,33 @@ def find_integration(model: Any) -> type:
     )
 
 
-def build_pipeline(method: "str | Stage | Pipeline", keep: int | float | None, options: dict[str, Any]) -> Pipeline:
-    """Turn a method spec and options into a Pipeline (fresh stage objects for string specs)."""
+def build_pipeline(method: "str | Stage | Pipeline", keep: int | float | None, options: dict[str, Any],
+                   integration_options: list[str] | None = None) -> Pipeline:
+    """Turn a method spec and options into a Pipeline of stage objects of its own.
+
+    A string spec is ``name``, ``name@site`` or several joined by ``+`` (``"fastv@llm(2)"``,
+    ``"cls_attn+kcenter"``): the grammar of ``vtoken bench --methods`` and ``vtoken eval --methods``.
+    Stage and Pipeline objects are copied, so the caller's objects are never changed by ``wrap``.
+    """
+    options = dict(options)
     if isinstance(method, Pipeline):
         if options:
             raise ValueError(f"options {sorted(options)} cannot be combined with a Pipeline object; "
                              "set them on its stages")
-        return method.with_keep(keep)
+        return method.with_keep(keep).copy()
     if isinstance(method, Stage):
         if options:
             raise ValueError(f"options {sorted(options)} cannot be combined with a Stage object; set them on it")
-        return Pipeline([method], keep)
+        return Pipeline([method], keep).copy()
     if not isinstance(method, str) or not method.strip():
-        raise TypeError(f"method must be a registered name, 'a+b', a Stage or a Pipeline; got {method!r}")
-    names = [name.strip() for name in method.split("+")]
+        raise TypeError(f"method must be a registered name, 'a+b', 'name@site', a Stage or a Pipeline; got {method!r}")
+    parts = [split_site(part, method) for part in method.split("+")]
+    names = [name for name, _ in parts]
     classes = stages_from_names(names)
     per_stage = {name: options.pop(name) for name in names if isinstance(options.get(name), dict)}
     used: set[str] = set()
     stages = []
-    for name, cls in zip(names, classes):
+    for (name, site), cls in zip(parts, classes):
         accepted = set(cls.option_names())
         kwargs = {key: value for key, value in options.items() if key in accepted}
         used.update(kwargs)
@@ -108,11 +120,25 @@ def build_pipeline(method: "str | Stage | Pipeline", keep: int | float | None, o
         if unknown:
             raise ValueError(f"stage {name} has no option(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
         kwargs.update(own)
+        if site is not None:
+            if kwargs.get("site") is not None or kwargs.get("layer") is not None:
+                raise ValueError(f"{name}@{site} already names its site; drop the site=/layer= option for it")
+            kwargs["site"] = site
         stages.append(cls(**kwargs))
     unused = set(options) - used
     if unused:
         accepted = sorted({opt for cls in classes for opt in cls.option_names()})
-        raise ValueError(f"unknown option(s) {sorted(unused)} for {method!r}; accepted: {accepted} "
-                         "(and the integration's options)")
+        extra = f"; the model's integration accepts: {integration_options}" if integration_options else ""
+        raise ValueError(f"unknown option(s) {sorted(unused)} for {method!r}; the stages accept: {accepted}{extra}")
     return Pipeline(stages, keep)
+
+
+def split_site(part: str, spec: str) -> tuple[str, str | None]:
+    """``"dart@llm(2)"`` -> ``("dart", "llm(2)")``; ``"dart"`` -> ``("dart", None)``."""
+    name, at, site = part.partition("@")
+    name = name.strip()
+    if at and not site.strip():
+        raise ValueError(f"{part.strip()!r} in {spec!r} has '@' but no site; write e.g. 'dart@llm(2)', "
+                         "'kcenter@projector' or 'pixel_shuffle@vision(1)'")
+    return name, (site.strip() if at else None)
 

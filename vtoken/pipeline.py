@@ -9,6 +9,7 @@ importance and the rest by diversity among the remaining tokens, with no special
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -62,12 +63,48 @@ class Pipeline:
         """The same stages with ``keep`` as the budget of the last budgeted site."""
         return Pipeline(self.stages, keep if keep is not None else self.keep)
 
-    def resolve_sites(self, layer_counts: dict[str, int]) -> "Pipeline":
-        """Turn negative layer indices into absolute ones, given the model's layer count per site kind."""
+    def copy(self) -> "Pipeline":
+        """The same plan with stage objects of its own: a wrapped model never shares a stage with the
+        caller, so changing (or reusing) the caller's objects later cannot change the wrapped model."""
+        return Pipeline([copy.copy(stage) for stage in self.stages], self.keep)
+
+    def resolved(self, layer_counts: dict[str, int]) -> "Pipeline":
+        """A copy with negative layer indices turned into absolute ones, given the model's layer count
+        per site kind. The stages of this pipeline are left as they are."""
+        stages = []
         for stage in self.stages:
+            stage = copy.copy(stage)
             if stage.site.layer is not None and stage.site.kind in layer_counts:
                 stage.site = stage.site.resolved(layer_counts[stage.site.kind])
-        return self
+            stages.append(stage)
+        return Pipeline(stages, self.keep)
+
+    def check_budgets(self) -> None:
+        """Refuse, before any model runs, a budgeted site that has no budget from anywhere."""
+        for site in self.sites:
+            stages = self.stages_at(site)
+            if len(stages) == 1:
+                if stages[0].budgeted and self.site_keep(site) is None:
+                    raise ValueError(_missing_budget(stages[0], site))
+            elif self._site_budget(site) is None:
+                missing = [stage for stage in stages if stage.keep is None]
+                if missing:
+                    raise ValueError(_missing_budget(missing[0], site))
+
+    def check_grids(self) -> None:
+        """A stage that needs the full token grid (pool, pixel_shuffle) cannot follow a site whose stages
+        select a subset: the survivors form no grid any more."""
+        broken: Stage | None = None
+        for site in self.sites:
+            for stage in self.stages_at(site):
+                if stage.needs_grid and broken is not None:
+                    raise ValueError(
+                        f"{stage.name} at {site} needs the tokens on their full grid, but {broken.name} at "
+                        f"{broken.site} selects a subset before it, so no grid is left; run {stage.name} "
+                        f"first (at an earlier site) or use a selection stage at {site}"
+                    )
+            if any(not stage.merging for stage in self.stages_at(site)):
+                broken = next(stage for stage in self.stages_at(site) if not stage.merging)
 
     def signals_at(self, site: Site) -> dict[str, dict[str, Any]]:
         """Every signal the stages at ``site`` need; two stages asking for one signal must agree."""
@@ -108,11 +145,11 @@ class Pipeline:
         if len(stages) == 1:
             keep = total if total is not None else self.site_keep(site)
             if keep is None:
-                raise ValueError(_missing_budget(stages[0], site, self))
+                raise ValueError(_missing_budget(stages[0], site))
             return [resolve_keep(keep, num_tokens, units, f"keep of {stages[0].name} at {site}")]
         if site_keep is None and len(explicit) < len(stages):
             missing = next(s for s in stages if s.keep is None)
-            raise ValueError(_missing_budget(missing, site, self))
+            raise ValueError(_missing_budget(missing, site))
         committed = {
             i: resolve_keep(k, num_tokens, units, f"keep of {stages[i].name} at {site}") for i, k in explicit.items()
         }
@@ -144,7 +181,6 @@ class Pipeline:
         Keep (positions into ``tokens``). ``total``: an already-split budget for these rows."""
         stages = self.stages_at(site)
         budgets = self.stage_budgets(site, tokens.num_tokens, tokens.units, tokens.grid, total)
-        per_unit_in = tokens.num_tokens // max(tokens.units, 1)
         device = tokens.features.device
         batch, n = tokens.batch_size, tokens.num_tokens
         chosen: list[torch.Tensor] = []
@@ -158,7 +194,7 @@ class Pipeline:
             check_keep(keep, view, k, stage.name)
             if stats is not None:
                 stats.add(StageRecord(
-                    stage=stage.name, site=str(site), tokens_in=per_unit_in,
+                    stage=stage.name, site=str(site), tokens_in=view.num_tokens // max(tokens.units, 1),
                     tokens_out=keep.num_kept // max(tokens.units, 1),
                     scoring_ms=1000 * scoring_seconds if rank == 0 else 0.0, select_ms=1000 * seconds,
                 ))
@@ -195,10 +231,11 @@ def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
         raise RuntimeError(f"stage {stage} returned merged features not matching its {k} kept tokens")
 
 
-def _missing_budget(stage: Stage, site: Site, pipeline: Pipeline) -> str:
+def _missing_budget(stage: Stage, site: Site) -> str:
     return (
-        f"stage {stage.name} at {site} has no budget: pass keep= to wrap() (tokens per image or a fraction), "
-        f"or give the stage its own keep (stages before the last budgeted site of a pipeline need one)"
+        f"stage {stage.name} at {site} has no budget: pass keep= to wrap() (an int, tokens per image, or a "
+        "float in (0, 1], a fraction of the tokens), or give the stage its own keep (stages before the last "
+        "budgeted site of a pipeline, and all but one stage sharing a site, need one)"
     )
 
 
@@ -207,6 +244,9 @@ def stages_from_names(names: Iterable[str]) -> list[type[Stage]]:
 
     classes = []
     for name in names:
+        if not name:
+            raise ValueError(f"empty method name in {'+'.join(names)!r}: join registered names with '+', e.g. "
+                             f"'cls_attn+kcenter'; registered methods: {', '.join(list_methods())}")
         if name not in STAGES:
             raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(list_methods())} "
                              "(combine them with '+')")

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+#: why a grid-merging stage cannot run on these tokens (``wrap`` refuses the pipeline shapes that cause it
+#: where it can; what is left is input-dependent)
+NO_GRID = ("{stage} needs the tokens on one full (h, w) grid, and these form none: a video clip's tokens "
+           "span several frames (on Qwen2-VL pass video_budget='frame' to merge frame by frame), or the "
+           "integration gives no grid here (e.g. a vision_feature_select_strategy that keeps [CLS])")
+
 
 @dataclass
 class TokenSet:

@@ -34,6 +34,8 @@ class Stage:
     budgeted: ClassVar[bool] = True
     #: True when the stage produces new (merged) features instead of selecting existing tokens
     merging: ClassVar[bool] = False
+    #: True when the stage needs the tokens on their full (h, w) grid (spatial merging)
+    needs_grid: ClassVar[bool] = False
     #: budget used when neither the stage nor wrap() gives one (None: a budget is required)
     default_keep: ClassVar[int | float | None] = None
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..registry import register_stage
-from ..tokens import Keep, TokenSet
+from ..tokens import NO_GRID, Keep, TokenSet
 from .base import EncoderStage
 from .pool import merge_cells
 
@@ -36,6 +36,7 @@ class PixelShuffle(EncoderStage):
     site_kinds: ClassVar[tuple[str, ...]] = ("vision", "projector")
     budgeted: ClassVar[bool] = False
     merging: ClassVar[bool] = True
+    needs_grid: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +56,7 @@ class PixelShuffle(EncoderStage):
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         if tokens.grid is None:
-            raise ValueError("pixel_shuffle needs the tokens on their full grid; run it before any selection")
+            raise ValueError(NO_GRID.format(stage="pixel_shuffle"))
         h, w = tokens.grid
         r = self.ratio
         if h % r or w % r:

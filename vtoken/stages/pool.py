@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import register_stage
-from ..tokens import Keep, TokenSet
+from ..tokens import NO_GRID, Keep, TokenSet
 from .base import Stage
 
 
@@ -26,10 +26,11 @@ from .base import Stage
 class Pool(Stage):
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
     merging: ClassVar[bool] = True
+    needs_grid: ClassVar[bool] = True
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         if tokens.grid is None:
-            raise ValueError("pool needs the tokens on their full grid; run it before any selection at its site")
+            raise ValueError(NO_GRID.format(stage="pool"))
         h, w = tokens.grid
         return merge_cells(tokens, *pool_grid(k, h, w))
 

@@ -1,0 +1,67 @@
+"""Per-call state: what one forward or generate call of a wrapped model needs lives with that call.
+
+A wrapped model is shared: several threads (a web server, the demo) may call it at once, and
+``copy.deepcopy`` may give it a twin. So nothing a call computes (selections, kept positions, captured
+signals, the stats it records) is stored on the integration or its site objects. The integration opens
+a ``Call`` when a call starts and makes it current for that thread in a ``ContextVar``; every hook it
+installed looks the current call up by the integration's own key, and the call's stats are published
+to ``model.vtoken.stats`` when it ends. Threads each start with an empty context, so they never see each
+other's calls.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from .stats import Stats
+
+T = TypeVar("T")
+
+#: the calls in progress in this context, by integration key
+_ACTIVE: ContextVar[dict[int, "Call"]] = ContextVar("vtoken_active_calls", default={})
+
+
+@dataclass
+class Call:
+    """One forward or generate call of a wrapped model.
+
+    kind:  ``"forward"`` (``model(...)``), ``"generate"`` (``model.generate(...)``, spanning its
+           prefill and every decode step) or ``"encoder"`` (a standalone vision encoder's pass).
+    parts: the per-call state of each site object, by a name the site object chooses.
+    """
+
+    kind: str
+    stats: Stats = field(default_factory=Stats)
+    parts: dict[str, Any] = field(default_factory=dict)
+    token: Token | None = None
+
+    def part(self, name: str, factory: Callable[[], T]) -> T:
+        """The state named ``name`` of this call, created by ``factory`` on first use."""
+        if name not in self.parts:
+            self.parts[name] = factory()
+        return self.parts[name]
+
+
+def current(key: int) -> Call | None:
+    """The call of the integration with ``key`` running in this thread (None outside any call)."""
+    return _ACTIVE.get().get(key)
+
+
+def begin(key: int, call: Call) -> Call:
+    """Make ``call`` the current call of ``key`` in this context until ``end(key, call)``."""
+    active = dict(_ACTIVE.get())
+    active[key] = call
+    call.token = _ACTIVE.set(active)
+    return call
+
+
+def end(key: int, call: Call) -> None:
+    """Stop ``call`` being current (a no-op when it already is not)."""
+    active = _ACTIVE.get()
+    if active.get(key) is call:
+        rest = dict(active)
+        del rest[key]
+        _ACTIVE.set(rest)
+    call.token = None

@@ -1,0 +1,37 @@
+"""The signals a site can compute for its stages, named in one place.
+
+A stage asks for signals by these names (``Stage.signals()``); each integration declares which ones it
+provides at each site, and ``wrap`` refuses a pipeline whose stages ask a site for a signal it does not
+provide, listing what the site offers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+#: attention of the [CLS] token to every patch (Qwen: the mean attention each patch receives)
+CLS_ATTN = "cls_attn"
+#: L2 norm of the update a vision block's MLP adds to each token (Representation Shift)
+MLP_SHIFT = "mlp_shift"
+#: attention of the last prompt token to every position at the layer before an llm(K) site (FastV)
+LAST_QUERY_ATTN = "last_query_attn"
+#: L1 norm of each position's key at the layer before an llm(K) site (DART's pivot score)
+KEY_NORM = "key_norm"
+#: the text tokens after the image with their normalised hidden states and key norms (DART's text pivots)
+TEXT_TOKENS = "text_tokens"
+
+DESCRIPTIONS = {
+    CLS_ATTN: "[CLS] attention",
+    MLP_SHIFT: "MLP update norm",
+    LAST_QUERY_ATTN: "last-prompt-token attention",
+    KEY_NORM: "key L1 norms",
+    TEXT_TOKENS: "text tokens after the image",
+}
+
+VISION = frozenset({CLS_ATTN, MLP_SHIFT})
+LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS})
+
+
+def describe(names: Iterable[str]) -> str:
+    """``'cls_attn' ([CLS] attention), ...`` in a stable order."""
+    return ", ".join(f"{name!r} ({DESCRIPTIONS.get(name, 'custom')})" for name in sorted(names))
