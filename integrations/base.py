@@ -59,6 +59,7 @@ class Integration:
         #: the last call that finished, for tools that inspect it (the bench's oracle)
         self.last_call: calls.Call | None = None
         self.hooks = HookSet()
+        self.key = calls.CallKey()
 
     # --- naming ----------------------------------------------------------------------------------
     @property
@@ -67,10 +68,6 @@ class Integration:
         return str(getattr(getattr(self.model, "config", None), "model_type", None) or self.name)
 
     # --- per-call state --------------------------------------------------------------------------
-    @property
-    def key(self) -> int:
-        return id(self)
-
     def current_call(self) -> calls.Call | None:
         return calls.current(self.key)
 

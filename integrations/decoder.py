@@ -103,7 +103,8 @@ class _Step:
 
 
 class DecoderSites:
-    def __init__(self, pipeline: Pipeline, language_model: torch.nn.Module, sites: list[Site], key: int) -> None:
+    def __init__(self, pipeline: Pipeline, language_model: torch.nn.Module, sites: list[Site],
+                 key: calls.CallKey) -> None:
         self.pipeline = pipeline
         self.key = key
         self.lm = language_model

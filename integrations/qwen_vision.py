@@ -76,7 +76,7 @@ class _State:
 
 class QwenVisionSites:
     def __init__(self, pipeline: Pipeline, visual: torch.nn.Module, sites: list[Site], apply_rotary: Callable,
-                 key: int, end_call: Callable[[Call], None]) -> None:
+                 key: calls.CallKey, end_call: Callable[[Call], None]) -> None:
         """``key``: the integration's call key; ``end_call``: how it ends a call the tower ran alone in."""
         self.pipeline, self.visual, self.key, self.end_call = pipeline, visual, key, end_call
         self.apply_rotary = apply_rotary

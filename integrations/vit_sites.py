@@ -60,7 +60,7 @@ class EncoderSites:
     generate) carries the state; a standalone encoder's pass is a call of its own, from its first
     block (or an earlier ``start_call``) to its last block."""
 
-    def __init__(self, pipeline: Pipeline, layout: EncoderLayout, sites: list[Site], key: int,
+    def __init__(self, pipeline: Pipeline, layout: EncoderLayout, sites: list[Site], key: calls.CallKey,
                  end_call: Callable[[Call], None]) -> None:
         """``key``: the integration's call key; ``end_call``: how the integration ends (and publishes) a
         standalone encoder's call."""

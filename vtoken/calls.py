@@ -19,8 +19,16 @@ from .stats import Stats
 
 T = TypeVar("T")
 
+class CallKey:
+    """Identifies one integration's calls. An object, not ``id(integration)``: site objects keep it, and
+    ``copy.deepcopy`` of a wrapped model gives the copy's site objects the copy's key with it."""
+
+    def __repr__(self) -> str:
+        return f"CallKey({id(self):#x})"
+
+
 #: the calls in progress in this context, by integration key
-_ACTIVE: ContextVar[dict[int, "Call"]] = ContextVar("vtoken_active_calls", default={})
+_ACTIVE: ContextVar[dict[CallKey, "Call"]] = ContextVar("vtoken_active_calls", default={})
 
 
 @dataclass
@@ -44,12 +52,12 @@ class Call:
         return self.parts[name]
 
 
-def current(key: int) -> Call | None:
+def current(key: CallKey) -> Call | None:
     """The call of the integration with ``key`` running in this thread (None outside any call)."""
     return _ACTIVE.get().get(key)
 
 
-def begin(key: int, call: Call) -> Call:
+def begin(key: CallKey, call: Call) -> Call:
     """Make ``call`` the current call of ``key`` in this context until ``end(key, call)``."""
     active = dict(_ACTIVE.get())
     active[key] = call
@@ -57,7 +65,7 @@ def begin(key: int, call: Call) -> Call:
     return call
 
 
-def end(key: int, call: Call) -> None:
+def end(key: CallKey, call: Call) -> None:
     """Stop ``call`` being current (a no-op when it already is not)."""
     active = _ACTIVE.get()
     if active.get(key) is call:
