@@ -11,13 +11,11 @@ other's calls.
 
 from __future__ import annotations
 
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 from .stats import Stats
-
-T = TypeVar("T")
 
 class CallKey:
     """Identifies one integration's calls. An object, not ``id(integration)``: site objects keep it, and
@@ -28,7 +26,7 @@ class CallKey:
 
 
 #: the calls in progress in this context, by integration key
-_ACTIVE: ContextVar[dict[CallKey, "Call"]] = ContextVar("vtoken_active_calls", default={})
+_ACTIVE: ContextVar[dict[CallKey, "Call"] | None] = ContextVar("vtoken_active_calls", default=None)
 
 
 @dataclass
@@ -43,33 +41,25 @@ class Call:
     kind: str
     stats: Stats = field(default_factory=Stats)
     parts: dict[str, Any] = field(default_factory=dict)
-    token: Token | None = None
-
-    def part(self, name: str, factory: Callable[[], T]) -> T:
-        """The state named ``name`` of this call, created by ``factory`` on first use."""
-        if name not in self.parts:
-            self.parts[name] = factory()
-        return self.parts[name]
 
 
 def current(key: CallKey) -> Call | None:
     """The call of the integration with ``key`` running in this thread (None outside any call)."""
-    return _ACTIVE.get().get(key)
+    return (_ACTIVE.get() or {}).get(key)
 
 
 def begin(key: CallKey, call: Call) -> Call:
     """Make ``call`` the current call of ``key`` in this context until ``end(key, call)``."""
-    active = dict(_ACTIVE.get())
+    active = dict(_ACTIVE.get() or {})
     active[key] = call
-    call.token = _ACTIVE.set(active)
+    _ACTIVE.set(active)
     return call
 
 
 def end(key: CallKey, call: Call) -> None:
     """Stop ``call`` being current (a no-op when it already is not)."""
-    active = _ACTIVE.get()
+    active = _ACTIVE.get() or {}
     if active.get(key) is call:
         rest = dict(active)
         del rest[key]
         _ACTIVE.set(rest)
-    call.token = None

@@ -10,7 +10,8 @@ each pivot in turn keeps its share of the not-yet-kept tokens least similar to i
 
 Two forms, chosen by the site:
 - ``llm(K)`` (the paper's form, K=2): features are the normalised hidden states entering layer K, the
-  pivot scores come from layer K-1's keys, and text pivots come from the prompt.
+  pivot scores come from layer K-1's keys, and text pivots come from the text after the image (the
+  question: each row's text tokens after its last visual token).
 - ``projector`` (pre-LLM form): there is no text yet, so all ``image_pivots + text_pivots`` pivots are
   visual tokens, scored by the L1 norm of the projected features.
 Unlike the reference code, the kept count is exact: the per-pivot shares add up to the budget.
