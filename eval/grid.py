@@ -1,8 +1,8 @@
 """Method specs and the methods x budgets grid shared by ``vtoken eval`` and ``vtoken bench``.
 
-A spec is a method name or pipeline (``"cls_attn+kcenter"``) with an optional site after ``@``:
-``"dart@llm(2)"`` is ``dart`` wrapped with ``site="llm(2)"``. Methods with a fixed ratio (no budget,
-e.g. ``pixel_shuffle``) appear once in the grid, with ``keep=None``.
+A spec is what ``vtoken.wrap`` takes as its method: a name or pipeline (``"cls_attn+kcenter"``), each
+stage with an optional site after ``@`` (``"dart@llm(2)"``, ``"cls_attn@vision(8)+kcenter"``). Methods
+with a fixed ratio (no budget, e.g. ``pixel_shuffle``) appear once in the grid, with ``keep=None``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 @dataclass
 class MethodSpec:
-    """``dart@llm(2)``: the method ``dart`` with ``site='llm(2)'``."""
+    """A method spec as the command line gave it; ``method`` goes to ``vtoken.wrap`` unchanged."""
 
     label: str
     method: str
@@ -22,11 +22,9 @@ class MethodSpec:
     @classmethod
     def parse(cls, spec: str) -> "MethodSpec":
         spec = spec.strip()
-        name, _, site = spec.partition("@")
-        if not name.strip():
+        if not spec.partition("@")[0].strip():
             raise ValueError(f"empty method in spec {spec!r}; write e.g. 'dart' or 'dart@llm(2)'")
-        options = {"site": site.strip()} if site else {}
-        return cls(label=spec, method=name.strip(), options=options)
+        return cls(label=spec, method=spec)
 
     def budgeted(self) -> bool:
         """Whether any stage of the method takes a budget (the spec is checked on the way)."""
