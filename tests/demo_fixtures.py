@@ -1,26 +1,20 @@
-"""Helpers for the demo tests: a tiny LLaVA saved to disk with an offline-built processor, synthetic
-scene images, a local app server and the headless-browser run (also used to take docs/demo.png)."""
+"""Helpers for the demo tests: the `vtoken demo` console script as a server, synthetic images, and the
+headless-browser run (also used to take docs/demo.png)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tiny_models import GRID, tiny_llava
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]  # ids match tiny_models (pad 0, bos 1, <image> 3)
-WORDS = ("USER ASSISTANT : ? . , what which where is are the a an of to in on left right behind front "
-         "color colour shape red green blue yellow purple orange grey white black big small large cube "
-         "sphere ball cylinder cone triangle square circle object objects thing things how many there "
-         "yes no one two three four five six image scene picture floor wall sky light dark shiny matte "
-         "metal rubber wood glass stone next near far above below between top bottom middle center corner "
-         "edge side same different than more less both each other and or but it its this that has with "
-         "see looks like made").split()
-VOCAB_SIZE = 128  # tiny_llava's: every id the model can generate decodes to a word
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -33,42 +27,59 @@ def chromium_path() -> str | None:
     return None
 
 
-def word_tokenizer():
-    """A word-level tokenizer (whitespace and punctuation split) with ``<image>`` as a special token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = list(dict.fromkeys(WORDS))
-    words += [f"word{i}" for i in range(VOCAB_SIZE - len(SPECIALS) - len(words))]
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=["<image>"],
-    )
-    tokenizer.padding_side = "left"
-    return tokenizer
+def vtoken_script() -> str | None:
+    """The installed `vtoken` console script: beside this Python first (the virtualenv's), else on PATH."""
+    beside = Path(sys.executable).parent / "vtoken"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("vtoken")
 
 
-def llava_processor():
-    """LlavaProcessor for tiny_llava: 168px crops, patch 14 -> 12 x 12 = image_seq_length tokens."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    side = GRID * 14
-    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=word_tokenizer(), patch_size=14,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token="<image>")
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def save_tiny_llava(path: Path) -> Path:
-    """A random-init tiny LLaVA and its processor, written with save_pretrained (loadable offline)."""
-    model = tiny_llava()
-    assert model.config.image_seq_length == GRID * GRID
-    model.save_pretrained(path)
-    llava_processor().save_pretrained(path)
-    return path
+class Server:
+    """`vtoken demo ARGS --port P` in a subprocess, its output in ``log``; ``stop()`` ends it."""
+
+    def __init__(self, args: list[str], log: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
+                   PYTHONUNBUFFERED="1")
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen([vtoken_script(), "demo", *args, "--port", str(self.port)],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 180.0) -> None:
+        """Until the page answers; raises with the server's output if it exits or takes too long."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vtoken demo exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vtoken demo did not serve {self.url} within {timeout:.0f} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
 
 
 def scene(seed: int = 0, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -95,41 +106,27 @@ def scene(seed: int = 0, size: tuple[int, int] = (320, 240)) -> Image.Image:
     return picture
 
 
-def write_samples(folder: Path, count: int = 2) -> Path:
-    """Sample scenes with their questions, laid out as the package's assets/samples may be."""
+def bad_images(folder: Path) -> dict[str, Path]:
+    """Uploads that are not images: an empty file, text named .png, and a PNG cut short."""
     folder.mkdir(parents=True, exist_ok=True)
-    questions = {}
-    for i in range(count):
-        scene(i).save(folder / f"scene_{i}.png")
-        questions[f"scene_{i}.png"] = ["what color is the object on the left ?", "how many objects are there ?"][i % 2]
-    import json
-
-    (folder / "questions.json").write_text(json.dumps(questions))
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(b"this is not a picture\n" * 20)
+    whole = folder / "whole.png"
+    scene(1).save(whole)
+    truncated = folder / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[:400])
+    return {"empty": empty, "corrupt": corrupt, "truncated": truncated}
 
 
-def launch_local(demo, port: int | None = None) -> str:
-    """Launch a demo on 127.0.0.1 in the background; returns its URL."""
-    from vtoken.demo import launch
+def run_in_browser(url: str, image_path: Path, screenshot: Path, question: str, keep: str,
+                   failing_keep: str | None = None, timeout_ms: int = 90_000) -> dict:
+    """Open the page in headless Chromium, upload an image, ask a question, click Compare, screenshot.
 
-    port = port or free_port()
-    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
-    return f"http://127.0.0.1:{port}/"
-
-
-def run_in_browser(url: str, image_path: Path, screenshot: Path, question: str | None = None,
-                   keep: int | None = None, method: str | None = None, failing_keep: int | None = None,
-                   timeout_ms: int = 60_000) -> dict:
-    """Open the page in headless Chromium, upload an image, run one comparison, screenshot the page.
-
-    With ``failing_keep``, a comparison with that (invalid) budget runs first and its error message is
-    returned as ``error``. Returns what the page shows: both answers, the overlay's size, the legend.
+    With ``failing_keep``, a comparison with that (invalid) budget runs first; the error message the
+    page shows is returned as ``error`` (and closed before the real run). Returns what the page shows:
+    both answers, the overlay's size, the legend, the pruned side's info.
     """
     from playwright.sync_api import sync_playwright
 
@@ -140,20 +137,18 @@ def run_in_browser(url: str, image_path: Path, screenshot: Path, question: str |
             page.goto(url, wait_until="domcontentloaded", timeout=timeout_ms)
             page.locator("#vtoken-image input[type=file]").set_input_files(str(image_path), timeout=timeout_ms)
             page.locator("#vtoken-image img").first.wait_for(state="visible", timeout=timeout_ms)
-            if question is not None:
-                page.locator("#vtoken-question textarea").fill(question)
-            if method is not None:
-                box = page.locator("#vtoken-method input")
-                box.fill(method)
-                box.press("Enter")
+            page.locator("#vtoken-question textarea").fill(question)
+            budget = page.locator("#vtoken-keep input, #vtoken-keep textarea").first
             error = None
             if failing_keep is not None:
-                page.locator("#vtoken-keep input").fill(str(failing_keep))
+                budget.fill(failing_keep)
                 page.locator("#vtoken-run").click()
-                page.locator("#vtoken-status .vtoken-error").wait_for(state="visible", timeout=timeout_ms)
-                error = page.locator("#vtoken-status").inner_text()
-            if keep is not None:
-                page.locator("#vtoken-keep input").fill(str(keep))
+                toast = page.locator(".toast-body").first
+                toast.wait_for(state="visible", timeout=timeout_ms)
+                error = toast.inner_text()
+                page.locator(".toast-body .toast-close").first.click()
+                toast.wait_for(state="detached", timeout=timeout_ms)
+            budget.fill(keep)
             page.locator("#vtoken-run").click()
             overlay = page.locator("#vtoken-overlay img").first
             overlay.wait_for(state="visible", timeout=timeout_ms)
@@ -172,7 +167,7 @@ def run_in_browser(url: str, image_path: Path, screenshot: Path, question: str |
                 "overlay_width": page.evaluate("document.querySelector('#vtoken-overlay img').naturalWidth"),
                 "legend": page.locator("#vtoken-legend").inner_text(),
                 "pruned_info": page.locator("#vtoken-pruned-info").inner_text(),
-                "status": page.locator("#vtoken-status").inner_text(),
+                "toasts": page.locator(".toast-body").count(),
                 "error": error,
             }
             screenshot.parent.mkdir(parents=True, exist_ok=True)
