@@ -2,8 +2,8 @@
 
     python -m vtoken.eval.lmms_task --out runs/lmms_task            # writes the task folder
     lmms-eval --model vtoken_llava_hf \\
-        --model_args pretrained=$(python -m vtoken.eval.lmms_task --print-model),method=kcenter,keep=64,device=cpu \\
-        --tasks vtoken_scenes --include_path runs/lmms_task --batch_size 1
+        --model_args "pretrained=$(python -m vtoken.eval.lmms_task --print-model),method=kcenter,keep=64" \\
+        --tasks vtoken_scenes --include_path runs/lmms_task --device cpu --batch_size 1
 
 The task folder holds ``vtoken_scenes.yaml``, a one-line ``utils.py`` that imports the task functions
 below (lmms-eval resolves ``!function utils.x`` next to the YAML file) and ``data/``, the questions with
@@ -111,9 +111,12 @@ def export_task(out_dir: str | Path, n_questions: int = 1000) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vtoken.cli import int_at_least
+
     parser = argparse.ArgumentParser(prog="python -m vtoken.eval.lmms_task", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lmms_task", help="task folder to write (default: %(default)s)")
-    parser.add_argument("--questions", type=int, default=1000, help="held-out questions (default: %(default)s)")
+    parser.add_argument("--questions", type=int_at_least(1), default=1000,
+                        help="held-out questions (default: %(default)s)")
     parser.add_argument("--print-model", action="store_true", help="print the embedded model's folder and exit")
     args = parser.parse_args(argv)
     if args.print_model:

@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -42,7 +43,7 @@ from . import scenes
 from . import scenes_model as sm
 from vtoken.stats import clock
 
-from .grid import method_grid, parse_budget
+from .grid import method_grid
 
 #: every registered method at its default site, plus the in-LLM form of DART and one pipeline; the
 #: vision-encoder stages run after block 1 of the scenes model's 4 (its features come out of block 2)
@@ -152,6 +153,8 @@ def run_scenes_benchmark(
     method x budget: accuracy, ``retained`` = overall / full overall, ``prefill_ratio``, ``error`` if the
     method failed), the questions and the settings. A method that raises is recorded, not fatal.
     """
+    if n_questions < 1 or batch_size < 1:
+        raise ValueError(f"need n_questions >= 1 and batch_size >= 1; got {n_questions} and {batch_size}")
     if model is None:
         model, processor = sm.load(model_path, device=device or "cpu")
     elif processor is None:
@@ -346,29 +349,45 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
 
 # --- command line (``vtoken eval``) -----------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="LLaVA checkpoint directory (default: the embedded scenes model)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="vtoken methods ('a+b' pipelines)")
-    parser.add_argument("--budgets", nargs="+", type=parse_budget, default=list(DEFAULT_BUDGETS),
-                        help="visual tokens kept per image (int) or fractions")
-    parser.add_argument("--questions", type=int, default=1000, help="held-out questions (balanced over categories)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    from vtoken.cli import budget, device_name, int_at_least, method_spec
+
+    parser.add_argument("--model", default=None, type=_checkpoint_folder,
+                        help="LLaVA checkpoint directory (default: the embedded scenes model)")
+    parser.add_argument("--methods", nargs="+", type=method_spec, default=list(DEFAULT_METHODS),
+                        help="vtoken methods ('a+b' pipelines; 'method@site' sets the site, e.g. dart@llm(2))")
+    parser.add_argument("--budgets", nargs="+", type=budget, default=list(DEFAULT_BUDGETS),
+                        help="visual tokens kept per image (int >= 1) or fractions in (0, 1]")
+    parser.add_argument("--questions", type=int_at_least(1), default=1000,
+                        help="held-out questions (balanced over categories)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--positions", choices=["compact", "original"], default=None,
                         help="position ids of the kept tokens before the LLM, for every method (default: the "
                              "model's own default, compact for LLaVA)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/scenes-<time>)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default=None, type=device_name, help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     parser.add_argument("--save-images", action="store_true", help="also write the held-out images and questions")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _checkpoint_folder(text: str) -> str:
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"no checkpoint at {text!r} (no config.json there); pass a LLaVA "
+                                         "checkpoint folder, or leave --model out for the embedded model")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_scenes_benchmark(args.model, methods=args.methods, budgets=args.budgets,
-                                   n_questions=args.questions, batch_size=args.batch_size,
-                                   progress=not args.no_progress, device=args.device,
-                                   wrap_options={"positions": args.positions} if args.positions else None)
+    try:
+        results = run_scenes_benchmark(args.model, methods=args.methods, budgets=args.budgets,
+                                       n_questions=args.questions, batch_size=args.batch_size,
+                                       progress=not args.no_progress, device=args.device,
+                                       wrap_options={"positions": args.positions} if args.positions else None)
+    except (ValueError, OSError) as error:  # a refused setting or an unreadable model: one line, no traceback
+        print(f"vtoken eval: {error}", file=sys.stderr)
+        return 2
     out = Path(args.out or f"runs/scenes-{time.strftime('%Y%m%d-%H%M%S')}")
     paths = write_results(results, out)
     if args.save_images:

@@ -166,3 +166,35 @@ def test_method_lists_split_outside_parentheses():
     assert bench._split("dart@llm(2),pool, cls_attn+kcenter") == ["dart@llm(2)", "pool", "cls_attn+kcenter"]
     spec = bench.MethodSpec.parse("dart@llm(2)")
     assert (spec.method, spec.options) == ("dart", {"site": "llm(2)"})
+
+
+@pytest.mark.parametrize("arguments, named, accepted", [
+    (["--methods", "foo"], "unknown method 'foo'", "registered methods: "),
+    (["--methods", "pool,dart@llm(x)"], "cannot parse site 'llm(x)'", "'llm(K)'"),
+    (["--methods", "pixel_shuffle@llm(2)"], "cannot run at llm(2)", "accepted sites"),
+    (["--budgets", "0"], "bad budget '0'", "an int >= 1"),
+    (["--budgets", "64,abc"], "bad budget 'abc'", "(0, 1]"),
+    (["--runs", "0"], "--runs: 0", "int >= 1"),
+    (["--text-tokens", "1"], "--text-tokens: 1", "int >= 2"),
+    (["--depth-scale", "1/0"], "bad depth scale '1/0'", "(0, 1]"),
+    (["--device", "nodevice"], "bad device 'nodevice'", "cpu, cuda"),
+])
+def test_cli_refuses_bad_arguments_in_one_line_before_loading(arguments, named, accepted, capsys):
+    from vtoken.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "--model", "/no/such/model", "--quiet", *arguments])  # never loaded
+    assert stop.value.code == 2
+    printed = capsys.readouterr()
+    error = printed.err.strip().splitlines()[-1]
+    assert error.startswith("vtoken bench: error: argument ") and named in error and accepted in error
+    assert "Traceback" not in printed.err and printed.out == ""
+
+
+def test_cli_keeps_valid_method_and_budget_lists_as_given():
+    from vtoken.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--methods", "dart@llm(2),cls_attn@vision(1)+kcenter",
+                                      "--budgets", "64,0.5", "--depth-scale", "1/8"])
+    assert args.methods == "dart@llm(2),cls_attn@vision(1)+kcenter" and args.budgets == "64,0.5"
+    assert args.depth_scale == 0.125

@@ -329,3 +329,46 @@ def test_shipped_checkpoint_knows_where_objects_are():
     assert set(truth) == {"left", "right"}
     accuracy = np.mean([a == t for a, t in zip(answers, truth)])
     assert accuracy >= 0.9, f"which-side accuracy {accuracy:.2f}: {list(zip(answers, truth))}"
+
+
+# --- vtoken eval's arguments ---------------------------------------------------------------------------
+@pytest.mark.parametrize("arguments, named, accepted", [
+    (["--questions", "0"], "--questions: 0", "int >= 1"),
+    (["--questions", "many"], "'many' is not an int", "int >= 1"),
+    (["--batch-size", "0"], "--batch-size: 0", "int >= 1"),
+    (["--methods", "foo"], "unknown method 'foo'", "registered methods: "),
+    (["--methods", "kcenter", "dart@nowhere"], "cannot parse site 'nowhere'", "'vision(L)', 'projector', 'llm(K)'"),
+    (["--methods", "dart@"], "has '@' but no site", "'dart@llm(2)'"),
+    (["--methods", "pixel_shuffle@llm(2)"], "cannot run at llm(2)", "accepted sites: vision(L), projector"),
+    (["--budgets", "0"], "bad budget '0'", "an int >= 1"),
+    (["--budgets", "abc"], "bad budget 'abc'", "(0, 1]"),
+    (["--budgets", "64", "1.5"], "bad budget '1.5'", "(0, 1]"),
+    (["--model", "/no/such/folder"], "no checkpoint at '/no/such/folder'", "embedded model"),
+])
+def test_eval_refuses_bad_arguments_in_one_line_before_loading(arguments, named, accepted, capsys):
+    from vtoken.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--no-progress", *arguments])
+    assert stop.value.code == 2
+    printed = capsys.readouterr()
+    error = printed.err.strip().splitlines()[-1]
+    assert error.startswith("vtoken eval: error: argument ") and named in error and accepted in error
+    assert "Traceback" not in printed.err and printed.out == ""
+
+
+def test_runner_refuses_no_questions():
+    from vtoken.eval.scenes_benchmark import run_scenes_benchmark
+
+    with pytest.raises(ValueError, match="n_questions >= 1"):
+        run_scenes_benchmark(n_questions=0, progress=False)
+
+
+def test_eval_accepts_method_specs_and_budgets_as_wrap_takes_them():
+    from vtoken.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--methods", "dart@llm(2)", "cls_attn@vision(1)+kcenter",
+                                      "--budgets", "64", "0.25", "1.0", "--questions", "8"])
+    assert args.methods == ["dart@llm(2)", "cls_attn@vision(1)+kcenter"]
+    assert args.budgets == [64, 0.25, 1.0] and isinstance(args.budgets[0], int)
+    assert args.questions == 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 SUBCOMMANDS = {
     "eval": ("vtoken.eval.scenes_benchmark", "accuracy vs kept tokens on the offline scenes benchmark"),
@@ -60,6 +61,67 @@ def _missing(name: str, error: ImportError):
         return 1
 
     return handler
+
+
+# --- argument types shared by the subcommands ---------------------------------------------------------
+# Each raises argparse.ArgumentTypeError with the accepted values, so a bad argument ends in argparse's
+# one-line "error: argument --x: ..." on stderr and exit status 2, before any model is loaded.
+BUDGET_FORMS = "tokens per image (an int >= 1, e.g. 64) or a fraction of the tokens in (0, 1] (e.g. 0.25)"
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int; expected an int >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; expected an int >= {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def budget(text: str) -> int | float:
+    """An argparse type: one budget, ``64`` (tokens per image) or ``0.25`` (a fraction of the tokens)."""
+    from vtoken.budget import validate_keep
+    from vtoken.eval.grid import parse_budget
+
+    try:
+        value = parse_budget(text)
+        validate_keep(value, "budget")
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"bad budget {text!r}; a budget is {BUDGET_FORMS}") from None
+    return value
+
+
+def method_spec(text: str) -> str:
+    """An argparse type: a method spec as ``vtoken.wrap`` takes it (``dart``, ``cls_attn+kcenter``,
+    ``dart@llm(2)``, ``cls_attn@vision(8)+kcenter``), checked by building its pipeline: an unknown method
+    or site is refused with the accepted values. Returns it as given."""
+    import vtoken
+
+    try:
+        vtoken.build_pipeline(text.strip(), None, {})
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"bad method {text!r}: {error}") from None
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a torch device (``cpu``, ``cuda``, ``cuda:1``, ``mps``); CUDA only where present."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"bad device {text!r}; expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: CUDA is not available here; use cpu")
+    return text
 
 
 if __name__ == "__main__":
