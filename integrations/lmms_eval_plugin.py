@@ -4,10 +4,11 @@ Each model subclasses lmms-eval's own class (so its prompt building, batching an
 lmms-eval's), then wraps the loaded model with vtoken. vtoken's arguments are taken out of
 ``--model_args`` before the parent sees them: anything the parent's ``__init__`` does not accept is a
 vtoken argument (``method``, ``keep``, ``site``, ``positions``, stage options...). ``method=none``
-evaluates the unwrapped model, for the full-token baseline in the same run setup.
+evaluates the unwrapped model, for the full-token baseline in the same run setup. A configuration vtoken
+refuses ends lmms-eval's command line with vtoken's message and exit status 2 (see ``_refuse``).
 
     lmms-eval --model vtoken_llava_hf \\
-        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=dart,keep=64 --tasks gqa
+        --model_args "pretrained=llava-hf/llava-1.5-7b-hf,method=dart,keep=64" --tasks gqa
 
 Registered through the ``lmms_eval.models`` entry-point group (see pyproject.toml); this module is
 imported only by lmms-eval.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from lmms_eval.models.registry_v2 import ModelManifest
@@ -35,6 +38,23 @@ def _split_arguments(parent: type, kwargs: dict[str, Any]) -> tuple[dict[str, An
     return {key: value for key, value in kwargs.items() if key in accepted}, own
 
 
+def _device_map_follows_device(parent: type, kwargs: dict[str, Any]) -> None:
+    """A single-process run without ``device_map`` loads the model on ``device`` (``--device``).
+
+    The parents' default device_maps do not follow ``--device``: LlavaHf's ``""`` reaches
+    ``from_pretrained``, which transformers 5 refuses; Qwen2_VL's ``"cuda"`` loads on the GPU under
+    ``--device cpu``. Qwen2_5_VL's ``"auto"`` (layers spread over the GPUs) is kept on CUDA devices.
+    """
+    if kwargs.get("device_map") or int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return
+    parameters = inspect.signature(parent.__init__).parameters
+    device = str(kwargs.get("device") or parameters["device"].default)
+    default_map = parameters["device_map"].default if "device_map" in parameters else ""
+    if default_map == "auto" and device.startswith("cuda"):
+        return
+    kwargs["device_map"] = device
+
+
 def _wrap(model: Any, options: dict[str, Any]) -> None:
     method = options.pop("method", "kcenter")
     if str(method).lower() in NO_PRUNING:
@@ -49,38 +69,74 @@ def _wrap(model: Any, options: dict[str, Any]) -> None:
 class _VTokenMixin:
     """Wraps ``self.model`` after the parent lmms-eval class has loaded it."""
 
+    model_id = ""
+
     def _init_vtoken(self, parent: type, kwargs: dict[str, Any]) -> None:
+        _device_map_follows_device(parent, kwargs)
         parent_kwargs, own = _split_arguments(parent, kwargs)
         parent.__init__(self, **parent_kwargs)
-        _wrap(self.model, own)
+        try:
+            _wrap(self.model, own)
+        except (ValueError, TypeError) as error:
+            _refuse(self.model_id, error)
+
+
+def _refuse(model_id: str, error: Exception) -> None:
+    """vtoken refused the configuration: re-raise it, except under lmms-eval's command line.
+
+    lmms-eval's ``cli_evaluate`` catches every exception of a run, prints it and exits with status 0,
+    so a refused configuration would read as a finished run. Under that command line the message goes
+    to stderr and the process exits with status 2 (SystemExit passes through its ``except Exception``).
+    """
+    if not _under_lmms_eval_cli():
+        raise error
+    print(f"lmms-eval --model {model_id}: vtoken refused the model_args: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _under_lmms_eval_cli() -> bool:
+    """Whether lmms-eval's ``cli_evaluate`` (``lmms-eval ...`` or ``python -m lmms_eval ...``) is running."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "cli_evaluate" and Path(code.co_filename).match("lmms_eval/__main__.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class VTokenLlavaHf(_VTokenMixin, LlavaHf):
+    model_id = "vtoken_llava_hf"
+
     def __init__(self, **kwargs: Any) -> None:
-        # LlavaHf's default device_map="" reaches from_pretrained, which transformers 5 refuses; a
-        # single-process run loads on `device` instead (what lmms-eval's Qwen2-VL class does)
-        if not kwargs.get("device_map") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            kwargs["device_map"] = str(kwargs.get("device", "cuda"))
         self._init_vtoken(LlavaHf, kwargs)
 
 
 class VTokenQwen2VL(_VTokenMixin, Qwen2_VL):
+    model_id = "vtoken_qwen2_vl"
+
     def __init__(self, **kwargs: Any) -> None:
         self._init_vtoken(Qwen2_VL, kwargs)
 
 
 class VTokenQwen25VL(_VTokenMixin, Qwen2_5_VL):
+    model_id = "vtoken_qwen2_5_vl"
+
     def __init__(self, **kwargs: Any) -> None:
         self._init_vtoken(Qwen2_5_VL, kwargs)
 
 
+def _manifest(cls: type[_VTokenMixin]) -> ModelManifest:
+    return ModelManifest(model_id=cls.model_id, simple_class_path=f"{__name__}.{cls.__name__}")
+
+
 def llava_hf_manifest() -> ModelManifest:
-    return ModelManifest(model_id="vtoken_llava_hf", simple_class_path=f"{__name__}.VTokenLlavaHf")
+    return _manifest(VTokenLlavaHf)
 
 
 def qwen2_vl_manifest() -> ModelManifest:
-    return ModelManifest(model_id="vtoken_qwen2_vl", simple_class_path=f"{__name__}.VTokenQwen2VL")
+    return _manifest(VTokenQwen2VL)
 
 
 def qwen2_5_vl_manifest() -> ModelManifest:
-    return ModelManifest(model_id="vtoken_qwen2_5_vl", simple_class_path=f"{__name__}.VTokenQwen25VL")
+    return _manifest(VTokenQwen25VL)

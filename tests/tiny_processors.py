@@ -47,3 +47,36 @@ def tiny_qwen_processor():
     sizes = dict(patch_size=Q_PATCH, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8, max_pixels=32 * 32)
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=word_tokenizer(),
                             video_processor=Qwen2VLVideoProcessor(**sizes))
+
+
+# A minimal chat template for the tiny processors: lmms-eval's model classes build prompts with
+# ``processor.apply_chat_template``. Images become the processor's placeholder, text is kept, roles drop.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> "
+    "{% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+
+
+def save_tiny_checkpoint(model, processor, folder, chat_template: str):
+    """Save ``model`` with ``processor`` (given ``chat_template``) as a loadable checkpoint folder, the
+    way a hub checkpoint is laid out; returns the folder."""
+    from pathlib import Path
+
+    processor.chat_template = chat_template
+    processor.tokenizer.chat_template = chat_template
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
