@@ -1,0 +1,318 @@
+"""The contract suite's table: one case per registered integration and model type.
+
+A case says how to build a tiny random-init model of the family (fp32, "eager" or "sdpa" attention), how
+to build a padded batch of rows with different prompt lengths (left or right padding) and each row alone,
+how to run the model, and the representative stages at every site the family offers (``SiteStage``).
+A stage gives two sets of ``vtoken.wrap`` options: ``prune`` drops tokens, ``keep_all`` keeps every one.
+
+A new integration gets every clause of ``tests/test_contract.py`` by adding its case(s) to ``CASES``;
+``test_every_registered_integration_has_a_contract_case`` fails until it does.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tiny_models import BOS, IMAGE_TOKEN, PAD, Q_END, Q_IMAGE, Q_PATCH, Q_START, tiny_llava_next, tiny_qwen
+
+ATTENTION = ("eager", "sdpa")
+SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class SiteStage:
+    """One representative stage at one site: wrap options that prune, and options that keep every token."""
+
+    site: str
+    method: str
+    prune: dict
+    keep_all: dict
+
+    @property
+    def id(self) -> str:
+        return f"{self.site}:{self.method}"
+
+
+@dataclass
+class Case:
+    """A model family (one integration, one model type) with tiny models and inputs for the contract."""
+
+    name: str
+    integration: str  # the name in vtoken.registry.INTEGRATIONS
+    model_type: str  # one of that integration's model_types
+    vlm: bool  # a vision-language model (generate, labels) or a standalone vision encoder
+    build_model: Callable[[str], torch.nn.Module]  # attn_implementation -> fp32 eval model
+    rows: list  # row specs, each with its own image(s); prompt lengths differ
+    build_inputs: Callable[[torch.nn.Module, list, str], dict]  # (model, rows, side) -> model kwargs
+    stages: list[SiteStage]
+    #: a weight of the model whose change changes the outputs (zeroed in place by the deepcopy clause)
+    weight: Callable[[torch.nn.Module], torch.Tensor]
+    #: (model, inputs) -> every output tensor; VLMs: (logits,)
+    run: Callable[[torch.nn.Module, dict], tuple] = None  # type: ignore[assignment]
+    sides: tuple[str, ...] = SIDES
+    notes: str = ""
+    _inputs: dict = field(default_factory=dict, repr=False)
+
+    def model(self, attn: str = "sdpa") -> torch.nn.Module:
+        """A fresh copy of the pristine tiny model (built once per attention implementation)."""
+        return copy.deepcopy(_pristine(self.name, attn))
+
+    def batch(self, side: str = "left") -> dict:
+        """The padded batch of every row."""
+        return self._cached(("batch", side), lambda: self.build_inputs(self.model(), self.rows, side))
+
+    def singles(self) -> list[dict]:
+        """Each row alone (no padding), with the same images it has in the batch."""
+        return self._cached(("singles",), lambda: [
+            self.build_inputs(self.model(), [row], "left") for row in self.rows])
+
+    def _cached(self, key, make):
+        """Inputs are built once (with a copy of the model: the pristine one never runs); callers get
+        shallow copies they may change."""
+        if key not in self._inputs:
+            self._inputs[key] = make()
+        value = self._inputs[key]
+        return dict(value) if isinstance(value, dict) else [dict(item) for item in value]
+
+
+@functools.cache
+def _pristine(name: str, attn: str) -> torch.nn.Module:
+    """The unwrapped model every test copies; nothing ever wraps or changes it."""
+    return CASES_BY_NAME[name].build_model(attn)
+
+
+def vlm_logits(model, inputs: dict) -> tuple:
+    with torch.no_grad():
+        return (model(**inputs).logits,)
+
+
+# --- LLaVA-1.5 -------------------------------------------------------------------------------------
+L_GRID, L_PATCH = 6, 14  # 84px / patch 14: 6 x 6 = 36 image tokens
+L_TOKENS = L_GRID * L_GRID
+
+
+def contract_llava(attn: str = "sdpa", seed: int = 0):
+    """LLaVA-1.5 shape: CLIP ViT (4 blocks, feature layer -2) + MLP projector + Llama (GQA, 4 layers)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=L_GRID * L_PATCH, patch_size=L_PATCH, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=PAD,
+                       bos_token_id=BOS, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=L_TOKENS, pad_token_id=PAD)
+    config._attn_implementation = attn
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None  # always the full requested length
+    return model.eval()
+
+
+def _pad(prompts: list[list[int]], side: str, extra: list[list[int]] | None = None) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        span = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        ids[row, span] = torch.tensor(prompt)
+        mask[row, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pixels(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def llava_inputs(model, rows: list, side: str) -> dict:
+    """Rows of (text before, text after, pixel seed): one image each."""
+    prompts = [[BOS] + before + [IMAGE_TOKEN] * L_TOKENS + [10] + after for before, after, _ in rows]
+    batch = _pad(prompts, side)
+    batch["pixel_values"] = torch.cat([_pixels(seed, 1, 3, L_GRID * L_PATCH, L_GRID * L_PATCH)
+                                       for _, _, seed in rows])
+    return batch
+
+
+# --- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------
+def qwen_inputs(model, rows: list, side: str) -> dict:
+    """Rows of (text before, (h, w) in patches, text after, pixel seed): one image each."""
+    sequences, kinds = [], []
+    grids, pixels = [], []
+    for before, (h, w), after, seed in rows:
+        count = h * w // 4
+        sequences.append([BOS] + before + [Q_START] + [Q_IMAGE] * count + [Q_END] + after)
+        kinds.append([0] * (2 + len(before)) + [1] * count + [0] * (1 + len(after)))
+        grids.append([1, h, w])
+        pixels.append(_pixels(seed, h * w, 3 * 2 * Q_PATCH * Q_PATCH))
+    batch = _pad(sequences, side)
+    types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
+    width = types.shape[1]
+    for row, row_kinds in enumerate(kinds):
+        span = slice(width - len(row_kinds), width) if side == "left" else slice(0, len(row_kinds))
+        types[row, span] = torch.tensor(row_kinds, dtype=torch.int)
+    batch.update(mm_token_type_ids=types, pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
+    return batch
+
+
+# --- LLaVA-NeXT --------------------------------------------------------------------------------------
+NEXT_VIEW = 56
+
+
+def next_inputs(model, rows: list, side: str) -> dict:
+    """Rows of (text before, image (height, width) in pixels, text after, pixel seed): one image each.
+    The placeholder count per image comes from the model's own AnyRes packing."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    sizes = torch.tensor([size for _, size, _, _ in rows])
+    views = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, NEXT_VIEW) for s in sizes]
+    pixels = torch.zeros(len(rows), max(views), 3, NEXT_VIEW, NEXT_VIEW)
+    for r, (count, (_, _, _, seed)) in enumerate(zip(views, rows)):
+        pixels[r, :count] = _pixels(seed, count, 3, NEXT_VIEW, NEXT_VIEW)
+    counts = _next_counts(model, tuple(tuple(s) for s in sizes.tolist()))
+    prompts = [[BOS] + before + [IMAGE_TOKEN] * n + after for (before, _, after, _), n in zip(rows, counts)]
+    batch = _pad(prompts, side)
+    batch.update(pixel_values=pixels, image_sizes=sizes)
+    return batch
+
+
+def _next_counts(model, sizes: tuple) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    counts = []
+    for size in sizes:
+        views = image_size_to_num_patches(torch.tensor(size), model.config.image_grid_pinpoints, NEXT_VIEW)
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixel_values=torch.zeros(1, views, 3, NEXT_VIEW, NEXT_VIEW),
+                                                    image_sizes=torch.tensor([size])).pooler_output
+        counts.append(int(packed[0].shape[0]))
+    return counts
+
+
+def contract_llava_next(attn: str = "sdpa"):
+    model = tiny_llava_next(attn)
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = attn
+    return model
+
+
+# --- standalone ViTs ---------------------------------------------------------------------------------
+V_SIZE, V_PATCH = 32, 8  # 4 x 4 = 16 patches
+V_DEPTH = 4
+
+
+def contract_timm(attn: str = "sdpa"):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=V_SIZE, patch_size=V_PATCH, embed_dim=32, depth=V_DEPTH, num_heads=4,
+                              num_classes=10).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = attn == "sdpa"
+    return model
+
+
+def contract_open_clip_vit(attn: str = "sdpa"):
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    # nn.MultiheadAttention has one attention path: "eager" and "sdpa" build the same model
+    return VisionTransformer(image_size=V_SIZE, patch_size=V_PATCH, width=32, layers=V_DEPTH, heads=4, mlp_ratio=2,
+                             output_dim=16, output_tokens=True).eval()
+
+
+def contract_open_clip_clip(attn: str = "sdpa"):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=V_DEPTH, width=32, head_width=8, mlp_ratio=2, patch_size=V_PATCH, image_size=V_SIZE)
+    text = CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=4, layers=1)
+    return CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+
+
+def vit_inputs(model, rows: list, side: str) -> dict:
+    """Rows are pixel seeds: one image each (a ViT batch has no padding)."""
+    return {"x": torch.cat([_pixels(seed, 1, 3, V_SIZE, V_SIZE) for seed in rows])}
+
+
+def timm_run(model, inputs: dict) -> tuple:
+    with torch.no_grad():
+        features = model.forward_features(inputs["x"])
+        return model.forward_head(features), features
+
+
+def open_clip_vit_run(model, inputs: dict) -> tuple:
+    with torch.no_grad():
+        return tuple(model(inputs["x"]))
+
+
+def open_clip_clip_run(model, inputs: dict) -> tuple:
+    with torch.no_grad():
+        return (model.encode_image(inputs["x"]),)
+
+
+# --- the stages ---------------------------------------------------------------------------------------
+def projector(keep: int) -> SiteStage:
+    return SiteStage("projector", "kcenter", dict(keep=keep), dict(keep=1.0))
+
+
+def llm(method: str, keep: float) -> SiteStage:
+    return SiteStage("llm(2)", method, dict(keep=keep, site="llm(2)"), dict(keep=1.0, site="llm(2)"))
+
+
+def vision_cls_attn(keep: int) -> SiteStage:
+    return SiteStage("vision(1)", "cls_attn", dict(keep=keep, site="vision(1)"), dict(keep=1.0, site="vision(1)"))
+
+
+def vision_pixel_shuffle() -> SiteStage:
+    return SiteStage("vision(1)", "pixel_shuffle", dict(layer=1), dict(layer=1, ratio=1))
+
+
+def lm_head(model) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+LLAVA_ROWS = [([20, 21], [30, 31, 32, 33], 11), ([22], [34, 35], 12), ([23, 24, 25], [36], 13)]
+QWEN_ROWS = [([20], (4, 4), [30, 31], 21), ([21, 22], (8, 4), [32], 22), ([23], (4, 8), [33, 34, 35], 23)]
+NEXT_ROWS = [([20], (60, 110), [30, 31], 31), ([21, 22], (100, 40), [32], 32), ([23], (56, 56), [33, 34, 35], 33)]
+VIT_ROWS = [41, 42, 43]
+
+CASES: list[Case] = [
+    Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
+         [projector(8), llm("dart", 8), llm("fastv", 8), vision_cls_attn(8), vision_pixel_shuffle()], lm_head),
+    Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
+         [projector(10), llm("dart", 10), llm("fastv", 10)], lm_head,
+         notes="no vision(L) site: the AnyRes packing needs every view's full grid"),
+    Case("qwen2_vl", "qwen2_vl", "qwen2_vl", True, functools.partial(tiny_qwen, "2"), QWEN_ROWS, qwen_inputs,
+         [projector(3), llm("dart", 3), llm("fastv", 3), vision_cls_attn(3), vision_pixel_shuffle()], lm_head),
+    Case("qwen2_5_vl", "qwen2_vl", "qwen2_5_vl", True, functools.partial(tiny_qwen, "2.5"), QWEN_ROWS, qwen_inputs,
+         [projector(3), llm("dart", 3), llm("fastv", 3)], lm_head,
+         notes="no vision(L) site: the tower un-permutes its windows with full-size indices"),
+    Case("timm_vit", "timm_vit", "timm.VisionTransformer", False, contract_timm, VIT_ROWS, vit_inputs,
+         [vision_cls_attn(4), vision_pixel_shuffle()], lambda m: m.blocks[-1].mlp.fc2.weight, run=timm_run,
+         sides=("none",)),
+    Case("open_clip_vit", "open_clip_vit", "open_clip.VisionTransformer", False, contract_open_clip_vit, VIT_ROWS,
+         vit_inputs, [vision_cls_attn(4), vision_pixel_shuffle()],
+         lambda m: m.transformer.resblocks[-1].mlp.c_proj.weight, run=open_clip_vit_run, sides=("none",)),
+    Case("open_clip_clip", "open_clip_vit", "open_clip.CLIP", False, contract_open_clip_clip, VIT_ROWS, vit_inputs,
+         [vision_cls_attn(4), vision_pixel_shuffle()],
+         lambda m: m.visual.transformer.resblocks[-1].mlp.c_proj.weight, run=open_clip_clip_run, sides=("none",)),
+]
+for _case in CASES:
+    if _case.run is None:
+        _case.run = vlm_logits
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+def case_stages(vlm: bool | None = None) -> list:
+    """``(case, stage)`` pairs for pytest parametrisation, with ids ``case-site:method``."""
+    import pytest
+
+    return [pytest.param(case, stage, id=f"{case.name}-{stage.id}")
+            for case in CASES if vlm is None or case.vlm == vlm for stage in case.stages]
