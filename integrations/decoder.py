@@ -44,6 +44,7 @@ from torch import Tensor
 from vtoken import calls, kernels, signals
 from vtoken.calls import Call
 from vtoken.pipeline import Pipeline
+from vtoken.sequence import padding_side
 from vtoken.sites import Site
 from vtoken.stats import Stats, clock
 from vtoken.tokens import TokenSet
@@ -274,7 +275,10 @@ class DecoderSites:
             for g, row in enumerate(rows):
                 kept_record[row] = keep.indices[g]
 
-        # rows may keep different counts: fill the short ones with dead slots to stay rectangular
+        # rows may keep different counts: fill the short ones with dead slots to stay rectangular. The
+        # dead slots go on the batch's padding side, so each row's tokens stay together, in order: the
+        # last token of a left-padded row stays last, and next-token pairs (labels) stay adjacent.
+        left = padding_side(call.attention_mask) != "right"
         new_length = int(stay.sum(1).max())
         new_index = torch.empty(batch, new_length, dtype=torch.long, device=device)
         dead = torch.zeros(batch, new_length, dtype=torch.bool, device=device)
@@ -282,9 +286,11 @@ class DecoderSites:
             kept = stay[row].nonzero()[:, 0]
             missing = new_length - kept.numel()
             if missing:
+                # any dropped position serves: a dead slot is never attended to, whatever it held
                 spare = (~stay[row]).nonzero()[:, 0][:missing]
-                kept, order = torch.cat([kept, spare]).sort()
-                dead[row] = order >= new_length - missing
+                kept = torch.cat([spare, kept] if left else [kept, spare])
+                dead[row, :missing] = left
+                dead[row, new_length - missing:] = not left
             new_index[row] = kept
         call.index = index.gather(1, new_index)
         call.dead = dead if bool(dead.any()) else None

@@ -62,3 +62,12 @@ def count_new_tokens_only(model: Any, kwargs: dict[str, Any], prompt_length: int
         total = total if total is not None else getattr(config, "min_length", None)
         if total and total > prompt_length:
             kwargs["min_new_tokens"] = total - prompt_length
+
+
+def wants_cache(model: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether this generate call uses a KV cache (``use_cache`` as generate resolves it)."""
+    if kwargs.get("use_cache") is not None:
+        return bool(kwargs["use_cache"])
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    value = getattr(config, "use_cache", None)
+    return True if value is None else bool(value)

@@ -20,14 +20,14 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken.sequence import Packing, pack_rows
+from vtoken.sequence import Packing, pack_rows, padding_side
 from vtoken.sites import Site
 from vtoken.stats import Stats
 from vtoken.tokens import TokenSet
 
 from .base import Integration
 from .decoder import DecoderSites
-from .generation import WrappedGenerate, count_new_tokens_only, refuse_unsupported_generation
+from .generation import WrappedGenerate, count_new_tokens_only, refuse_unsupported_generation, wants_cache
 from .vit_sites import EncoderLayout, EncoderSites
 
 POSITION_MODES = ("compact", "original")
@@ -129,7 +129,7 @@ class HFVisionLanguage(Integration):
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         if for_generate and mask is not None:
-            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            return mask_positions(mask)
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
     def compact_positions(self, mask: Tensor, inputs: dict[str, Any], for_generate: bool) -> Tensor | None:
@@ -137,7 +137,7 @@ class HFVisionLanguage(Integration):
         them itself (as it would for a prompt that simply had fewer tokens)."""
         if inputs.get("position_ids") is None:
             return None
-        return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return mask_positions(mask)
 
     def after_prepare(self, prepared: dict[str, Any]) -> None:
         """Model-specific bookkeeping once the shrunk inputs are known (e.g. Qwen's rope deltas)."""
@@ -247,37 +247,58 @@ class HFVisionLanguage(Integration):
         try:
             if not self._has_images(inputs):
                 return original(**inputs)
-            original_ids = inputs["input_ids"]
             with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
                 prepared = self.prepare(inputs, for_generate=True, call=call)
+            if not wants_cache(self.model, inputs):
+                # without a cache every step runs the whole sequence: generate gets the caller's text
+                # alone, and _generate_step puts the prepared prompt in front of each step's new tokens
+                if prepared.get("attention_mask") is None:
+                    prepared["attention_mask"] = torch.ones_like(prepared["input_ids"])
+                if prepared.get("position_ids") is None:
+                    prepared["position_ids"] = mask_positions(prepared["attention_mask"])
+                call.parts["recompute"] = (inputs["input_ids"].shape[1], prepared)
+                text_only = {k: v for k, v in inputs.items() if k not in self.image_inputs and k != "position_ids"}
+                return original(**text_only)
+            original_ids = inputs["input_ids"]
             count_new_tokens_only(self.model, prepared, original_ids.shape[1])
             shrunk = prepared["input_ids"].shape[1]
-            call.parts["prompt"] = (prepared["inputs_embeds"], shrunk)
             output = original(**prepared)
             return _restore_prompt(output, original_ids, shrunk)
         finally:
             self.end_call(call)
 
     def _generate_step(self, call: Any, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """A step of our own generate. Without a cache, generate feeds the whole sequence again as
-        ``input_ids``, whose visual placeholders the model cannot embed without the images: the
-        prompt's prepared embeddings are put back in front of the generated tokens' embeddings."""
-        prompt = call.parts.get("prompt")
+        """A forward of our own generate without a cache: the whole sequence, the caller's prompt plus the
+        tokens generated so far. The prompt runs exactly as it was prepared (its selection made once,
+        before the first step), followed by the generated tokens, so the result equals cached generation."""
+        recompute = call.parts.get("recompute")
+        if recompute is None:
+            return None
+        length, prepared = recompute
         inputs = _bind(type(module).forward, module, args, kwargs)
-        ids = inputs.get("input_ids")
-        cache = inputs.get("past_key_values")
-        if prompt is None or ids is None or inputs.get("inputs_embeds") is not None:
-            return None
-        if cache is not None and cache.get_seq_length() > 0:
-            return None
-        embeds, length = prompt
-        if ids.shape[1] < length:
-            return None
-        embeds = embeds.repeat_interleave(ids.shape[0] // embeds.shape[0], dim=0)
-        new = self.model.get_input_embeddings()(ids[:, length:]).to(embeds.dtype)
-        inputs["inputs_embeds"] = torch.cat([embeds, new], dim=1)
-        inputs["input_ids"] = None
-        return (), inputs
+        ids = inputs["input_ids"]
+        rows = ids.shape[0] // prepared["inputs_embeds"].shape[0]  # beams / returned sequences per prompt
+
+        def prompt(name: str) -> Tensor:
+            value = prepared[name]
+            return value.repeat_interleave(rows, dim=-2 if name == "position_ids" and value.dim() == 3 else 0)
+
+        new = ids[:, length:]
+        out = {k: v for k, v in inputs.items() if k != "input_ids"}
+        embeds = prompt("inputs_embeds")
+        out["inputs_embeds"] = torch.cat([embeds, self.model.get_input_embeddings()(new).to(embeds.dtype)], dim=1)
+        mask = inputs.get("attention_mask")
+        generated_mask = torch.ones_like(new) if mask is None else mask[:, length:]
+        prompt_mask = prompt("attention_mask")
+        out["attention_mask"] = torch.cat([prompt_mask, generated_mask.to(prompt_mask.dtype)], dim=1)
+        positions = prompt("position_ids")  # the generated tokens follow the prompt's last position
+        step = torch.arange(1, new.shape[1] + 1, device=positions.device)
+        out["position_ids"] = torch.cat([positions, positions[..., -1:] + step], dim=-1)
+        for key in self.extra_sequence_inputs():
+            if prepared.get(key) is not None:
+                extra = prompt(key)
+                out[key] = torch.cat([extra, extra.new_zeros(extra.shape[0], new.shape[1])], dim=-1)
+        return (), out
 
     def _has_images(self, inputs: dict[str, Any]) -> bool:
         return any(inputs.get(key) is not None for key in self.image_inputs if key != "image_sizes")
@@ -337,6 +358,10 @@ class HFVisionLanguage(Integration):
                 compact = self.compact_positions(packing.mask, inputs, for_generate)
                 if compact is not None:
                     out["position_ids"] = compact
+        if out.get("position_ids") is None and padding_side(out.get("attention_mask")) == "left":
+            # count positions from each row's first token, as generate does: signals that read absolute
+            # positions (DART's rotated key norms) then see a row the same alone and in a padded batch
+            out["position_ids"] = mask_positions(out["attention_mask"])
         if for_generate:
             pad = _pad_id(self.model, input_ids)
             out["input_ids"] = input_ids if packing is None else packing.gather(input_ids, pad_value=pad)
@@ -432,6 +457,11 @@ class HFVisionLanguage(Integration):
             return packing.gather(values.expand(batch, -1), pad_value=pad_value)
         moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
         return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
+
+
+def mask_positions(mask: Tensor) -> Tensor:
+    """Position ids counted from each row's first token (padding slots get 0), as generate counts them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:
