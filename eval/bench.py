@@ -274,7 +274,7 @@ def _measure_baseline(model, family, inputs, dims, runs, warmup, decode_tokens, 
     with torch.no_grad():
         output = _prefill(model, inputs)
     seen.remove()
-    kv = cache_bytes(output.past_key_values)
+    kv = cache_bytes(_output_cache(output))
     del output
     times = _time_runs({"prefill": lambda: _prefill(model, inputs)}, runs, warmup, device, warmed=["prefill"])["prefill"]
     full_visual = family.visual_per_image() * family.images_per_sample(inputs)
@@ -305,7 +305,7 @@ def _measure_method(model, family, inputs, dims, spec, keep, runs, warmup, decod
         kept = {site: list(value) for site, value in state.stats.kept.items()}
         last_call = state.integration.last_call
         prefill_call = None if last_call is None else last_call.parts.get("decoder")
-        kv = cache_bytes(output.past_key_values)
+        kv = cache_bytes(_output_cache(output))
         del output
         llm_sites = [site for site in sites if site.kind == "llm"]
         has_vision_site = any(site.kind == "vision" for site in sites)
@@ -384,6 +384,7 @@ def _llm_oracle(model, family, inputs, lm_kwargs, call, kept, llm_sites) -> dict
     computed and nothing is selected. Its decoder hooks stay installed next to the method's for the
     timing (each set is inert outside its own calls); ``remove`` takes them away."""
     import vtoken
+    from vtoken.calls import CallKey
     from vtoken.integrations.decoder import DecoderSites
     from vtoken.integrations.hf_vlm import Prefill
 
@@ -399,7 +400,7 @@ def _llm_oracle(model, family, inputs, lm_kwargs, call, kept, llm_sites) -> dict
         per_unit = rows.shape[1] // max(int(units.max()), 1)
         fixed.append(FixedKeep(keep=per_unit, site=str(site), indices=rows))
     lm = family.language_model(model)
-    sites = DecoderSites(vtoken.Pipeline(fixed), lm, llm_sites, key=id(fixed))
+    sites = DecoderSites(vtoken.Pipeline(fixed), lm, llm_sites, key=CallKey())
 
     def vision() -> Any:
         return family.vision(model, inputs)
@@ -411,11 +412,18 @@ def _llm_oracle(model, family, inputs, lm_kwargs, call, kept, llm_sites) -> dict
     return {"vision": vision, "llm": llm, "remove": sites.remove}
 
 
+def _output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def run_language_model(model: Any, lm: torch.nn.Module, lm_kwargs: dict[str, Any]) -> Tensor:
     """The language model on captured inputs, fresh cache, then the LM head on the last position:
     logits ``[B, 1, V]`` (the prefill of ``generate()``)."""
     kwargs = dict(lm_kwargs)
-    kwargs["past_key_values"] = None
+    kwargs.pop("past_key_values", None)  # a fresh cache: the language model makes one (named ``cache``
+    kwargs.pop("cache", None)  # from transformers 5.24 on)
     kwargs["use_cache"] = True
     with torch.no_grad():
         hidden = lm(**kwargs).last_hidden_state

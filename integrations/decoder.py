@@ -159,7 +159,7 @@ class DecoderSites:
         if call is None:  # the language model called on its own (a manual decode step on it)
             call = own = calls.begin(self.key, Call(kind="language_model"))
         call.parts["decoder_owned"] = own
-        cache = kwargs.get("past_key_values")
+        cache = _cache(kwargs)
         past = 0 if cache is None else cache.get_seq_length()
         embeds = kwargs.get("inputs_embeds")
         length = embeds.shape[1] if embeds is not None else (args[0] if args else kwargs["input_ids"]).shape[1]
@@ -203,7 +203,7 @@ class DecoderSites:
         rest = args[1:] if args else ()
         state = step.state
         if step.mode == "prefill":
-            cache = kwargs.get("past_key_values")
+            cache = _cache(kwargs)
             if cache is not None:
                 getattr(cache, CACHE_ATTRIBUTE, None) or setattr(cache, CACHE_ATTRIBUTE, {})
                 getattr(cache, CACHE_ATTRIBUTE)[self.key] = state
@@ -370,7 +370,7 @@ class DecoderSites:
             kv_length = mask.shape[-1]
         elif dead is None:
             return  # no mask: every cached key is attended, and this layer's cache holds only kept ones
-        cache = kwargs.get("past_key_values")
+        cache = _cache(kwargs)
         if kv_length is None:
             new = kwargs.get("position_embeddings")[0].shape[-2]
             kv_length = cache.get_seq_length() + new
@@ -386,6 +386,13 @@ class DecoderSites:
             return
         gathered = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
         kwargs["attention_mask"] = gathered if dead is None else _mask_columns(gathered, dead)
+
+
+def _cache(kwargs: dict) -> Any:
+    """The KV cache a decoder or layer call received (``cache`` from transformers 5.24, ``past_key_values``
+    before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def _module_rotary(attention: torch.nn.Module) -> Callable:

@@ -165,7 +165,8 @@ def test_cli_refuses_an_architecture_without_random_init(capsys):
 def test_method_lists_split_outside_parentheses():
     assert bench._split("dart@llm(2),pool, cls_attn+kcenter") == ["dart@llm(2)", "pool", "cls_attn+kcenter"]
     spec = bench.MethodSpec.parse("dart@llm(2)")
-    assert (spec.method, spec.options) == ("dart", {"site": "llm(2)"})
+    assert (spec.method, spec.options) == ("dart@llm(2)", {})
+    assert [str(s.site) for s in vtoken.build_pipeline(spec.method, 8, {}).stages] == ["llm(2)"]
 
 
 @pytest.mark.parametrize("arguments, named, accepted", [
