@@ -276,7 +276,8 @@ def _measure_baseline(model, family, inputs, dims, runs, warmup, decode_tokens, 
     seen.remove()
     kv = cache_bytes(_output_cache(output))
     del output
-    times = _time_runs({"prefill": lambda: _prefill(model, inputs)}, runs, warmup, device, warmed=["prefill"])["prefill"]
+    jobs = {"prefill": lambda: _prefill(model, inputs)}
+    times = _time_runs(jobs, runs, warmup, device, warmed=["prefill"])["prefill"]
     full_visual = family.visual_per_image() * family.images_per_sample(inputs)
     layers = dims.llm.layers
     row = _row("none", "-", full_visual, family, inputs, seen.kwargs, times)
@@ -336,7 +337,7 @@ def _measure_method(model, family, inputs, dims, spec, keep, runs, warmup, decod
         row = _row(spec.label, ",".join(map(str, sites)), keep, family, inputs, seen.kwargs, times["prefill"])
         row["oracle_kind"] = oracle_kind
         if oracle is not None:
-            totals = [v + l for v, l in zip(times["oracle_vision"], times["oracle_llm"])]
+            totals = [vision + llm for vision, llm in zip(times["oracle_vision"], times["oracle_llm"])]
             row.update(_summary("oracle", totals))
             row["oracle_vision_ms"] = _round(statistics.median(times["oracle_vision"]))
             row["oracle_llm_ms"] = _round(statistics.median(times["oracle_llm"]))
@@ -509,6 +510,7 @@ def _generate_stats(model: Any, inputs: dict[str, Any], decode_tokens: int, devi
     """One ``generate()`` of ``1 + decode_tokens`` tokens: decode tokens/s after the first token, the
     whole call's time, and the peak memory during it."""
     from transformers import StoppingCriteria, StoppingCriteriaList
+
     from vtoken.stats import clock
 
     stamps: list[float] = []
@@ -854,15 +856,17 @@ def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for index, method in enumerate(methods):
+    for method in methods:
         mine = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["visual_tokens"])
         x = [r["visual_tokens"] for r in mine]
         y = [r["prefill_ms"] for r in mine]
-        err = [[r["prefill_ms"] - r["prefill_min_ms"] for r in mine], [r["prefill_max_ms"] - r["prefill_ms"] for r in mine]]
+        err = [[r["prefill_ms"] - r["prefill_min_ms"] for r in mine],
+               [r["prefill_max_ms"] - r["prefill_ms"] for r in mine]]
         line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
         if any(r["oracle_ms"] is not None for r in mine):
             ax.plot(x, [r["oracle_ms"] for r in mine], linestyle="--", color=line[0].get_color(), alpha=0.6)
-    ax.axhline(baseline["prefill_ms"], color="black", linestyle=":", label=f"no pruning ({baseline['visual_tokens']} tokens)")
+    ax.axhline(baseline["prefill_ms"], color="black", linestyle=":",
+               label=f"no pruning ({baseline['visual_tokens']} tokens)")
     ax.set_xlabel("visual tokens in the LLM (first layer, per sample)")
     ax.set_ylabel("prefill ms (median, min-max)")
     ax.set_title(f"{result['model']} on {result['device']}\n(dashed: zero-overhead oracle)", fontsize=9)
@@ -909,7 +913,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{r['method']:<22} {_fmt(r['keep'], ''):>5} {_vis(r):>9} {r['prefill_ms']:>10.1f} "
             f"{_span(r['prefill_min_ms'], r['prefill_max_ms']):>15} {_fmt(r['oracle_ms'], '.1f'):>9} "
-            f"{_fmt(r['speedup'], '.2f'):>7} {_fmt(r['oracle_speedup'], '.2f'):>6} {_fmt(r['flops_speedup'], '.2f'):>6} "
+            f"{_fmt(r['speedup'], '.2f'):>7} {_fmt(r['oracle_speedup'], '.2f'):>6} "
+            f"{_fmt(r['flops_speedup'], '.2f'):>6} "
             f"{_fmt(r['measured_over_oracle'], '.3f'):>7} {_fmt(r['overhead_pct'], '.2f'):>6} "
             f"{_fmt(r['decode_tok_s'], '.2f'):>9} {_fmt(r['peak_mem_mb'], '.0f'):>8} "
             f"{_fmt((r['kv_cache_bytes'] or 0) / 2**20, '.1f'):>7} "

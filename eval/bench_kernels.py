@@ -17,6 +17,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+
 from vtoken.kernels import reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -166,7 +166,8 @@ def _background(rng: np.random.Generator) -> tuple[np.ndarray, str]:
         for _ in range(int(rng.integers(4, 12))):
             cx, cy = rng.uniform(0, n, size=2)
             rx, ry = rng.uniform(15, 70, size=2)
-            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=int(128 + rng.choice([-1, 1]) * rng.uniform(10, 22)))
+            shade = int(128 + rng.choice([-1, 1]) * rng.uniform(10, 22))
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=shade)
         layer = layer.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(4, 9))))
         offset = np.asarray(layer, dtype=np.float32) - 128.0
         image += offset[..., None] * (1 + rng.normal(0, 0.15, size=3)).astype(np.float32)
@@ -217,7 +218,9 @@ def _place_objects(rng: np.random.Generator, count: int) -> list[SceneObject]:
     return objects
 
 
-def make_scene(seed: int, with_masks: bool = False) -> tuple[Image.Image, Scene] | tuple[Image.Image, Scene, list[np.ndarray]]:
+def make_scene(
+    seed: int, with_masks: bool = False
+) -> tuple[Image.Image, Scene] | tuple[Image.Image, Scene, list[np.ndarray]]:
     """The image and objects of scene ``seed`` (and each object's coverage mask if ``with_masks``)."""
     rng = np.random.default_rng([int(seed), 7])
     background, kind = _background(rng)

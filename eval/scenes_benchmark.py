@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import scenes
-from . import scenes_model as sm
 from vtoken.stats import clock
 
+from . import scenes
+from . import scenes_model as sm
 from .grid import method_grid
 
 #: every registered method at its default site, plus the in-LLM form of DART and one pipeline; the
@@ -177,7 +177,8 @@ def run_scenes_benchmark(
     full_prefill = statistics.median(seconds)
     full_tokens = int(getattr(model.config, "image_seq_length", 0) or 0) or None
     results: dict[str, Any] = {
-        "model": str(model_path) if model_path is not None else (str(getattr(model, "name_or_path", "")) or "a given model"),
+        "model": (str(model_path) if model_path is not None
+                  else (str(getattr(model, "name_or_path", "")) or "a given model")),
         "n_questions": len(items),
         "batch_size": batch_size,
         "decoding": DECODING,
@@ -188,7 +189,8 @@ def run_scenes_benchmark(
         "full": {"accuracy": full_accuracy, "prefill_s": full_prefill},
         "runs": [],
         "environment": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(next(model.parameters()).device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": str(next(model.parameters()).device),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "python": platform.python_version(),
             "machine": platform.machine(),
         },
@@ -398,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtoken.eval.scenes_benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtoken.eval.scenes_benchmark",
+                                     description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

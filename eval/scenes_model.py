@@ -153,7 +153,8 @@ def embedded_model_path() -> Path:
     return Path(str(resources.files("vtoken.assets"))) / EMBEDDED_MODEL
 
 
-def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu") -> tuple[Any, Any]:
     """(model, processor) from ``path`` (default: the embedded checkpoint), offline, in eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

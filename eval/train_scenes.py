@@ -137,7 +137,8 @@ def make_batch(seeds: list[int], tokenizer, rng: np.random.Generator, rounds: in
                 if item["question"] in seen:
                     continue
                 seen.add(item["question"])
-                ids = tokenizer(item["question"] + " ASSISTANT: " + item["answer"], add_special_tokens=False)["input_ids"]
+                text = item["question"] + " ASSISTANT: " + item["answer"]
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 suffixes.append(ids + [sm.EOS_ID])
                 owners.append(b)
                 categories.append(item["category"])
@@ -328,8 +329,9 @@ def losses(result: dict, batch: dict, aux_weight: float, attn_weight: float = 0.
         out["count"] = F.cross_entropy(result["count"], batch["count"])
         out["patch"] = 0.5 * (F.cross_entropy(result["colour"].flatten(0, 1), batch["patch_colour"].flatten())
                               + F.cross_entropy(result["shape"].flatten(0, 1), batch["patch_shape"].flatten()))
+        anchor_weight = torch.tensor(20.0, device=result["anchor"].device)
         out["anchor"] = F.binary_cross_entropy_with_logits(result["anchor"], batch["patch_anchor"],
-                                                           pos_weight=torch.tensor(20.0, device=result["anchor"].device))
+                                                           pos_weight=anchor_weight)
         target = patch_coordinates(result["coords"].device).expand_as(result["coords"])
         out["coords"] = F.mse_loss(result["coords"], target) + F.mse_loss(result["embed_coords"], target)
         total = total + aux_weight * (out["presence"] + 0.5 * out["count"] + out["patch"] + 0.5 * out["anchor"]

@@ -355,7 +355,8 @@ class DecoderSites:
             causal = torch.ones(size, size, dtype=torch.bool, device=index.device).tril()
             return _mask_columns(causal[None, None].expand(index.shape[0], 1, size, size), dead)
         if not isinstance(mask, Tensor):
-            raise ValueError(f"the llm(K) site supports eager, sdpa and flash attention masks; got {type(mask).__name__}")
+            raise ValueError("the llm(K) site supports eager, sdpa and flash attention masks; "
+                             f"got {type(mask).__name__}")
         if mask.dim() == 2:
             mask = _take_last(mask, index)
             return mask if dead is None else mask.masked_fill(dead, 0)
@@ -413,7 +414,8 @@ def _take_seq(table: Tensor, index: Tensor) -> Tensor:
     batch = index.shape[0]
     table = table.expand(*table.shape[:-3], batch, *table.shape[-2:])
     lead = table.shape[:-3]
-    expanded = index.view(*([1] * len(lead)), batch, index.shape[1], 1).expand(*lead, batch, index.shape[1], table.shape[-1])
+    shape = (*lead, batch, index.shape[1], table.shape[-1])
+    expanded = index.view(*([1] * len(lead)), batch, index.shape[1], 1).expand(shape)
     return table.gather(-2, expanded)
 
 

@@ -409,7 +409,8 @@ class HFVisionLanguage(Integration):
             stats.merged[str(site)] = merged_record
         return result
 
-    def _assemble_blocks(self, encoded: Encoded, kept: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    def _assemble_blocks(self, encoded: Encoded,
+                         kept: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
         """Per block: the keep mask of its placeholder slots and the feature each slot receives."""
         masks, values = [], []
         for b, block in enumerate(encoded.blocks):

@@ -60,7 +60,8 @@ def _wrap(model: Any, options: dict[str, Any]) -> None:
     if str(method).lower() in NO_PRUNING:
         options.pop("keep", None)
         if options:
-            raise ValueError(f"method={method} runs the full model; it takes no other vtoken options: {sorted(options)}")
+            raise ValueError(f"method={method} runs the full model; it takes no other vtoken options: "
+                             f"{sorted(options)}")
         return
     keep = options.pop("keep", None)
     vtoken.wrap(model, method, keep=keep, **options)

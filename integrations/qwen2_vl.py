@@ -109,9 +109,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
             captured: dict[str, Any] = {}
             handle = None
             if block is not None:
-                handle = self.vision().blocks[block].register_forward_pre_hook(
-                    lambda module, args, kwargs: captured.update(args=args, kwargs=kwargs), with_kwargs=True
-                )
+                handle = self.vision().blocks[block].register_forward_pre_hook(_capture_call(captured),
+                                                                               with_kwargs=True)
             try:
                 features, pruned = self._visual_features(kind, pixels, grid_thw)
             finally:
@@ -208,7 +207,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
         """The M-RoPE positions the unwrapped model would use: ``[3, B, L]`` for a forward pass,
         ``[4, B, L]`` (text row first) for generate."""
         if inputs.get("mm_token_type_ids") is None:
-            raise ValueError(f"{self.family} needs mm_token_type_ids (the processor returns them) to place image tokens")
+            raise ValueError(f"{self.family} needs mm_token_type_ids (the processor returns them) to place "
+                             "image tokens")
         extra = {}
         if inputs.get("second_per_grid_ts") is not None:
             extra["second_per_grid_ts"] = inputs["second_per_grid_ts"]
@@ -231,3 +231,12 @@ class Qwen2VLIntegration(HFVisionLanguage):
         spatial = positions[-3:].masked_fill(mask[None] == 0, -1)
         next_position = spatial.amax(dim=(0, 2)) + 1
         self.model.model.rope_deltas = (next_position - mask.sum(-1)).unsqueeze(1)
+
+
+def _capture_call(store: dict[str, Any]):
+    """A forward pre-hook that records the block's arguments into ``store``."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        store.update(args=args, kwargs=kwargs)
+
+    return hook

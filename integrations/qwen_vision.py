@@ -116,7 +116,8 @@ class QwenVisionSites:
             per_frame = h * w // self.unit
             for frame in range(t):
                 index = torch.arange(per_frame, device=grid_thw.device) + frame * per_frame
-                segments.append(_Segment(image=image, offset=frame * per_frame, index=index, grid=(h // merge, w // merge)))
+                segments.append(_Segment(image=image, offset=frame * per_frame, index=index,
+                                         grid=(h // merge, w // merge)))
         call.parts["qwen_vision"] = _State(segments=segments)
 
     def _finish(self, module: Any, args: tuple, output: Any) -> None:
@@ -170,7 +171,7 @@ class QwenVisionSites:
             groups.setdefault((bounds[s + 1] - bounds[s], segment.grid), []).append(s)
         kept_rows: list[Tensor | None] = [None] * len(state.segments)
         kept_features: list[Tensor | None] = [None] * len(state.segments)
-        for (count, grid), members in groups.items():
+        for (_, grid), members in groups.items():
             spans = [torch.arange(bounds[s], bounds[s + 1], device=device) for s in members]
             tokens = TokenSet(
                 features=torch.stack([units[span] for span in spans]), grid=grid,

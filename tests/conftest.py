@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from tiny_models import tiny_llava, llava_batch  # noqa: E402,F401
+from tiny_models import llava_batch, tiny_llava  # noqa: E402,F401
 
 
 @pytest.fixture(params=["eager", "sdpa"])

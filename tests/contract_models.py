@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from tiny_models import BOS, IMAGE_TOKEN, PAD, Q_END, Q_IMAGE, Q_PATCH, Q_START, tiny_llava_next, tiny_qwen
 
 ATTENTION = ("eager", "sdpa")

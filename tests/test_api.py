@@ -59,8 +59,8 @@ def test_site_the_model_does_not_have():
 
     with pytest.raises(ValueError, match="no vision site .* accepted: projector, llm\\(K\\)"):
         vtoken.wrap(tiny_qwen("2.5"), "kcenter", keep=8, site="vision(1)")
-    with pytest.raises(ValueError, match="vision\\(1\\) does not exist .*0 <= L < 1 \\(blocks before block 1, which produces the vision "
-                       "feature layer"):
+    with pytest.raises(ValueError, match="vision\\(1\\) does not exist .*0 <= L < 1 \\(blocks before block 1, "
+                                         "which produces the vision feature layer"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="vision(1)")
     with pytest.raises(ValueError, match="llm\\(9\\) does not exist .* 1 <= K < 4"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="llm(9)")

@@ -28,9 +28,9 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from contract_models import ATTENTION, CASES, case_stages
 
 import vtoken
+from contract_models import ATTENTION, CASES, case_stages
 from vtoken.registry import INTEGRATIONS, load_builtin_integrations
 
 NEW_TOKENS = 4
@@ -122,7 +122,8 @@ def assert_outputs_equal(got: tuple, expected: tuple, what: str) -> None:
 
 
 def assert_kept_equal(got: dict, expected: dict, what: str) -> None:
-    assert set(got) == set(expected), f"{what}: kept selection recorded for sites {sorted(got)}, expected {sorted(expected)}"
+    assert set(got) == set(expected), (
+        f"{what}: kept selection recorded for sites {sorted(got)}, expected {sorted(expected)}")
     for site in expected:
         assert len(got[site]) == len(expected[site]), (
             f"{what}: {len(got[site])} kept entries at {site}, expected {len(expected[site])}")
@@ -407,7 +408,8 @@ def test_pickle_works_or_says_to_unwrap_first(case, stage):
         data = pickle.dumps(model)
     except Exception as error:  # noqa: BLE001 - any refusal must say what to do
         assert "unwrap" in str(error), (
-            f"pickling a wrapped model failed with {type(error).__name__}: {error} (the message must say to unwrap first)")
+            f"pickling a wrapped model failed with {type(error).__name__}: {error} "
+            "(the message must say to unwrap first)")
         return
     pruned = case.run(model, batch)
     answer = generate(model, batch, do_sample=False) if case.vlm else None
@@ -415,7 +417,8 @@ def test_pickle_works_or_says_to_unwrap_first(case, stage):
     assert hasattr(loaded, "vtoken"), "the unpickled model is no longer wrapped"
     assert_outputs_equal(case.run(loaded, batch), pruned, "the unpickled model's outputs")
     if case.vlm:
-        assert torch.equal(generate(loaded, batch, do_sample=False), answer), "the unpickled model generates differently"
+        assert torch.equal(generate(loaded, batch, do_sample=False), answer), (
+            "the unpickled model generates differently")
     vtoken.unwrap(loaded)
 
 

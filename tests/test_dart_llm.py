@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, llava_batch, prompt_ids, tiny_llava
 
 import vtoken
+from tiny_models import IMAGE_TOKEN, llava_batch, prompt_ids, tiny_llava
 
 K = 2
 KEEP = 24

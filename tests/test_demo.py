@@ -23,8 +23,6 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 from demo_fixtures import Server, bad_images, chromium_path, run_in_browser, scene, vtoken_script
-from vtoken.eval import scenes, scenes_model
-
 from vtoken.demo import (
     Comparer,
     build_demo,
@@ -36,6 +34,7 @@ from vtoken.demo import (
     render_overlay,
     trace_tokens,
 )
+from vtoken.eval import scenes, scenes_model
 from vtoken.sites import Site
 
 TOKENS = 576  # the embedded model: a 24 x 24 patch grid

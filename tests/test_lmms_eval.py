@@ -153,7 +153,8 @@ def test_refusal_raises_through_simple_evaluate(checkpoints, task_dir):
 
     with pytest.raises(ValueError, match="unknown method 'nosuchmethod'"):
         simple_evaluate(model="vtoken_qwen2_vl",
-                        model_args=_model_args("vtoken_qwen2_vl", checkpoints["vtoken_qwen2_vl"], "method=nosuchmethod"),
+                        model_args=_model_args("vtoken_qwen2_vl", checkpoints["vtoken_qwen2_vl"],
+                                               "method=nosuchmethod"),
                         tasks=["vtoken_scenes"], task_manager=TaskManager(include_path=str(task_dir)),
                         batch_size=1, device="cpu", limit=CLI_QUESTIONS)
 

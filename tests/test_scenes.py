@@ -304,7 +304,8 @@ def test_shipped_checkpoint_answers_above_chance():
     images = [scenes.make_scene(item["seed"])[0] for item in items]
     answers = []
     for start in range(0, len(items), 15):
-        answers += sm.predict(model, processor, images[start: start + 15], [i["question"] for i in items[start: start + 15]])
+        chunk = slice(start, start + 15)
+        answers += sm.predict(model, processor, images[chunk], [i["question"] for i in items[chunk]])
     accuracy = np.mean([a == i["answer"] for a, i in zip(answers, items)])
     assert accuracy > 0.6, accuracy  # chance is at most 1/2 (yes/no), 1/7 for colours
     assert model.config.image_seq_length == 576
@@ -325,7 +326,8 @@ def test_shipped_checkpoint_knows_where_objects_are():
             truth.append("left" if clear[0].x < scenes.IMAGE_SIZE / 2 else "right")
         if len(truth) == 24:
             break
-    answers = sm.predict(model, processor, images[:12], questions[:12]) + sm.predict(model, processor, images[12:], questions[12:])
+    answers = (sm.predict(model, processor, images[:12], questions[:12])
+               + sm.predict(model, processor, images[12:], questions[12:]))
     assert set(truth) == {"left", "right"}
     accuracy = np.mean([a == t for a, t in zip(answers, truth)])
     assert accuracy >= 0.9, f"which-side accuracy {accuracy:.2f}: {list(zip(answers, truth))}"

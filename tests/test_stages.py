@@ -107,7 +107,8 @@ def test_dart_llm_form_uses_key_norm_and_text_pivots():
         kept = list(image_pivots)
         for p_rank, p in enumerate(pivots):
             share = 6 // 4 + (1 if p_rank < 6 % 4 else 0)
-            cos = [float(torch.nn.functional.cosine_similarity(t.features[row, i], p, dim=0, eps=1e-6)) for i in range(20)]
+            cos = [float(torch.nn.functional.cosine_similarity(t.features[row, i], p, dim=0, eps=1e-6))
+                   for i in range(20)]
             kept += sorted((i for i in range(20) if i not in kept), key=lambda i: (cos[i], i))[:share]
         assert keep.indices[row].tolist() == sorted(kept)
 

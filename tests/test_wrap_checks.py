@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava, tiny_qwen
 
 import vtoken
+from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava, tiny_qwen
 from vtoken.stages.base import Stage
 from vtoken.tokens import Keep, TokenSet, sorted_topk
 
@@ -59,7 +59,8 @@ def test_a_one_layer_language_model_says_it_has_no_llm_site():
 def test_accepted_sites_listed_are_the_ones_that_work():
     """The refusal of llm(99) lists vision(L) only where the model can prune (before the feature layer)."""
     model = tiny_llava(vision_layers=4)  # feature layer -2: hidden state 3 comes out of block 2
-    with pytest.raises(ValueError, match="accepted: vision\\(L\\) with 0 <= L < 2 .*llm\\(K\\) with 1 <= K < 4") as error:
+    accepted_sites = "accepted: vision\\(L\\) with 0 <= L < 2 .*llm\\(K\\) with 1 <= K < 4"
+    with pytest.raises(ValueError, match=accepted_sites) as error:
         vtoken.wrap(model, "kcenter", keep=8, site="llm(99)")
     message = str(error.value)
     accepted = [f"vision({layer})" for layer in range(2)] + ["llm(1)", "llm(3)", "projector"]

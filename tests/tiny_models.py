@@ -75,7 +75,8 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     )
     if version == "2":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as cls
+        from transformers import Qwen2VLConfig
+        from transformers import Qwen2VLForConditionalGeneration as cls
 
         vision = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=Q_PATCH,
                       temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
@@ -83,7 +84,8 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
                                video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END,
                                bos_token_id=BOS, eos_token_id=2)
     else:
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as cls
+        from transformers import Qwen2_5_VLConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
 
         vision = dict(depth=4, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
                       patch_size=Q_PATCH, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,

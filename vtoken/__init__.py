@@ -7,7 +7,7 @@
     vtoken.unwrap(model)                      # exactly the original model again
 """
 
-from . import stages  # registers the built-in stages
+from . import stages  # noqa: F401  (importing it registers the built-in stages)
 from .api import build_pipeline, unwrap, wrap, wrapped
 from .pipeline import Pipeline
 from .registry import list_methods, list_models, register_integration, register_stage

@@ -40,7 +40,8 @@ def wrap(model: Any, method: "str | Stage | Pipeline", keep: int | float | None 
              and integration options (e.g. ``positions="original"``).
     """
     if hasattr(model, ATTRIBUTE):
-        raise ValueError(f"this model is already wrapped ({getattr(model, ATTRIBUTE)!r}); call vtoken.unwrap(model) first")
+        raise ValueError(f"this model is already wrapped ({getattr(model, ATTRIBUTE)!r}); "
+                         "call vtoken.unwrap(model) first")
     integration_cls = find_integration(model)
     integration_options = {name: options.pop(name) for name in list(options) if name in integration_cls.options}
     pipeline = build_pipeline(method, keep, options, integration_options=sorted(integration_cls.options))

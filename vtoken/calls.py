@@ -17,6 +17,7 @@ from typing import Any
 
 from .stats import Stats
 
+
 class CallKey:
     """Identifies one integration's calls. An object, not ``id(integration)``: site objects keep it, and
     ``copy.deepcopy`` of a wrapped model gives the copy's site objects the copy's key with it."""

@@ -222,7 +222,8 @@ def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
     """A stage's Keep must hold exactly k sorted, unique, in-range positions per row."""
     idx = keep.indices
     if idx.shape != (tokens.batch_size, k):
-        raise RuntimeError(f"stage {stage} returned indices of shape {tuple(idx.shape)}; expected {(tokens.batch_size, k)}")
+        raise RuntimeError(f"stage {stage} returned indices of shape {tuple(idx.shape)}; "
+                           f"expected {(tokens.batch_size, k)}")
     if k and (idx.min() < 0 or idx.max() >= tokens.num_tokens):
         raise RuntimeError(f"stage {stage} returned positions outside 0..{tokens.num_tokens - 1}")
     if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 import vtoken.kernels as K
 from vtoken.kernels import reference
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 import vtoken.kernels as K
 from vtoken.kernels import dispatch, reference
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 import vtoken.kernels as K
 from vtoken.kernels import reference
 

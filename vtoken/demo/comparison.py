@@ -108,6 +108,12 @@ def _open(source: Any, name: str, size: int) -> Image.Image:
     if size == 0:
         raise ValueError(f"the image {name!r} is empty (0 bytes); upload {IMAGE_KINDS}")
     try:
+        # verify() reads the whole file and refuses a truncated one even when another library has set
+        # Pillow's global ImageFile.LOAD_TRUNCATED_IMAGES (lmms-eval does); it leaves the image unusable
+        with Image.open(source) as probe:
+            probe.verify()
+        if hasattr(source, "seek"):
+            source.seek(0)
         with Image.open(source) as image:
             image.load()
             return image.convert("RGB")
