@@ -33,7 +33,6 @@ several returned sequences expand it as generate expands the batch, and a manual
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -50,6 +49,17 @@ from vtoken.stats import Stats, clock
 from vtoken.tokens import TokenSet
 
 from .base import HookSet
+from .decoder_tensors import (
+    cache_of,
+    gather_decode_mask,
+    gather_prefill_kwargs,
+    last_prompt_position,
+    module_rotary,
+    positions_of,
+    take,
+    take_seq,
+    text_after_visual,
+)
 
 #: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
 CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
@@ -112,7 +122,7 @@ class DecoderSites:
         self.layers = language_model.layers
         self.sites = {site.layer: site for site in sites}
         self.capture_layers = {site.layer - 1 for site in sites if self.pipeline.signals_at(site)}
-        self.apply_rotary: Callable = _module_rotary(self.layers[0].self_attn)
+        self.apply_rotary: Callable = module_rotary(self.layers[0].self_attn)
         first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
         self.hooks = HookSet()
         self.hooks.add(language_model.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
@@ -159,7 +169,7 @@ class DecoderSites:
         if call is None:  # the language model called on its own (a manual decode step on it)
             call = own = calls.begin(self.key, Call(kind="language_model"))
         call.parts["decoder_owned"] = own
-        cache = _cache(kwargs)
+        cache = cache_of(kwargs)
         past = 0 if cache is None else cache.get_seq_length()
         embeds = kwargs.get("inputs_embeds")
         length = embeds.shape[1] if embeds is not None else (args[0] if args else kwargs["input_ids"]).shape[1]
@@ -203,26 +213,26 @@ class DecoderSites:
         rest = args[1:] if args else ()
         state = step.state
         if step.mode == "prefill":
-            cache = _cache(kwargs)
+            cache = cache_of(kwargs)
             if cache is not None:
                 getattr(cache, CACHE_ATTRIBUTE, None) or setattr(cache, CACHE_ATTRIBUTE, {})
                 getattr(cache, CACHE_ATTRIBUTE)[self.key] = state
             if index in self.sites:
                 hidden = self._prune(self.sites[index], hidden, state, call.stats)
             if state.index is not None:
-                self._gather_prefill_kwargs(kwargs, state.index, state.dead)
+                gather_prefill_kwargs(kwargs, state.index, state.dead)
             if index in self.capture_layers:
                 state.captured[index] = (hidden, kwargs.get("position_embeddings"))
         elif step.mode == "recompute":
             if index in step.layers:
                 full, dead, relative = step.layers[index]
-                hidden = _take(hidden, relative)
+                hidden = take(hidden, relative)
                 step.current = (full, dead)
             if step.current is not None:
-                self._gather_prefill_kwargs(kwargs, *step.current)
+                gather_prefill_kwargs(kwargs, *step.current)
         elif state.layers and index >= state.layers[0][0]:
             _, layer_index, layer_dead, _ = [entry for entry in state.layers if entry[0] <= index][-1]
-            self._gather_decode_mask(kwargs, state, layer_index, layer_dead)
+            gather_decode_mask(kwargs, state.length, layer_index, layer_dead)
         return (hidden, *rest), kwargs
 
     def _on_keys(self, index: int, module: Any, args: tuple, output: Tensor) -> None:
@@ -261,14 +271,14 @@ class DecoderSites:
             if n_visual == 0:
                 continue
             rows_t = torch.tensor(rows, device=device)
-            positions = _positions(visual[rows_t])
+            positions = positions_of(visual[rows_t])
             tokens = TokenSet.from_features(
-                _take(normed[rows_t], positions), units=max(units, 1),
+                take(normed[rows_t], positions), units=max(units, 1),
                 signals={name: value[rows_t].gather(1, positions) for name, value in computed.items()},
             )
             if with_text:
-                text_positions = _positions(text[rows_t])
-                tokens.context["text_features"] = _take(normed[rows_t], text_positions)
+                text_positions = positions_of(text[rows_t])
+                tokens.context["text_features"] = take(normed[rows_t], text_positions)
                 tokens.context["text_key_norm"] = computed[signals.KEY_NORM][rows_t].gather(1, text_positions)
             _, keep = self.pipeline.run(site, tokens, stats, scoring_seconds=scoring / len(groups))
             stay[rows_t[:, None], positions.gather(1, keep.indices)] = True
@@ -296,7 +306,7 @@ class DecoderSites:
         call.dead = dead if bool(dead.any()) else None
         call.layers.append((site.layer, call.index, call.dead, new_index))
         self._record_layer_counts(site, call, stats)
-        return _take(hidden, new_index)
+        return take(hidden, new_index)
 
     def _signals(self, site: Site, wanted: dict, attend: Tensor, call: DecoderCall) -> dict[str, Tensor]:
         """Per-position signals ``[B, L]`` recomputed from layer K-1's own projections."""
@@ -319,13 +329,13 @@ class DecoderSites:
         if signals.KEY_NORM in wanted or signals.TEXT_TOKENS in wanted:
             out[signals.KEY_NORM] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
         if signals.LAST_QUERY_ATTN in wanted:
-            last = _last_prompt_position(attend)  # [B]
+            last = last_prompt_position(attend)  # [B]
             # the norm is per position: normalising the last position alone is the same
             query_in = layer.input_layernorm(hidden.gather(1, last.view(batch, 1, 1).expand(-1, 1, hidden.shape[-1])))
             query = attention.q_proj(query_in).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
             if hasattr(attention, "q_norm"):
                 query = attention.q_norm(query)
-            query = self.apply_rotary(query, query, _take_seq(cos, last[:, None]), _take_seq(sin, last[:, None]))[0]
+            query = self.apply_rotary(query, query, take_seq(cos, last[:, None]), take_seq(sin, last[:, None]))[0]
             rows = kernels.attention_rows(query, keys, scale=attention.scaling, key_mask=attend,
                                           causal_limit=last[:, None])
             out[signals.LAST_QUERY_ATTN] = rows[:, 0]
@@ -337,127 +347,6 @@ class DecoderSites:
         after = int((present if call.dead is None else present & ~call.dead[0]).sum())
         counts = stats.llm_layer_tokens or [before] * len(self.layers)
         stats.llm_layer_tokens = counts[: site.layer] + [after] * (len(self.layers) - site.layer)
-
-    # --- shrinking the per-layer arguments -------------------------------------------------------
-    def _gather_prefill_kwargs(self, kwargs: dict, index: Tensor, dead: Tensor | None) -> None:
-        if kwargs.get("position_embeddings") is not None:
-            kwargs["position_embeddings"] = tuple(_take_seq(t, index) for t in kwargs["position_embeddings"])
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = _take_last(kwargs["position_ids"], index)
-        mask = kwargs.get("attention_mask")
-        kwargs["attention_mask"] = self._prefill_mask(mask, index, dead)
-
-    def _prefill_mask(self, mask: Any, index: Tensor, dead: Tensor | None) -> Any:
-        if mask is None:
-            if dead is None:
-                return None  # causal over the kept tokens, which stay in order: SDPA's is_causal still holds
-            size = index.shape[1]
-            causal = torch.ones(size, size, dtype=torch.bool, device=index.device).tril()
-            return _mask_columns(causal[None, None].expand(index.shape[0], 1, size, size), dead)
-        if not isinstance(mask, Tensor):
-            raise ValueError("the llm(K) site supports eager, sdpa and flash attention masks; "
-                             f"got {type(mask).__name__}")
-        if mask.dim() == 2:
-            mask = _take_last(mask, index)
-            return mask if dead is None else mask.masked_fill(dead, 0)
-        rows = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-        gathered = rows.gather(3, index[:, None, None, :].expand(-1, mask.shape[1], index.shape[1], -1))
-        return gathered if dead is None else _mask_columns(gathered, dead)
-
-    def _gather_decode_mask(self, kwargs: dict, call: DecoderCall, index: Tensor, dead: Tensor | None) -> None:
-        mask = kwargs.get("attention_mask")
-        kv_length = None
-        if isinstance(mask, Tensor):
-            kv_length = mask.shape[-1]
-        elif dead is None:
-            return  # no mask: every cached key is attended, and this layer's cache holds only kept ones
-        cache = _cache(kwargs)
-        if kv_length is None:
-            new = kwargs.get("position_embeddings")[0].shape[-2]
-            kv_length = cache.get_seq_length() + new
-        generated = torch.arange(call.length, kv_length, device=index.device).expand(index.shape[0], -1)
-        columns = torch.cat([index, generated], dim=1)
-        dead = None if dead is None else torch.cat([dead, torch.zeros_like(generated, dtype=torch.bool)], 1)
-        if mask is None:
-            kwargs["attention_mask"] = (~dead)[:, None, None, :]
-            return
-        if mask.dim() == 2:
-            gathered = _take_last(mask, columns)
-            kwargs["attention_mask"] = gathered if dead is None else gathered.masked_fill(dead, 0)
-            return
-        gathered = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-        kwargs["attention_mask"] = gathered if dead is None else _mask_columns(gathered, dead)
-
-
-def _cache(kwargs: dict) -> Any:
-    """The KV cache a decoder or layer call received (``cache`` from transformers 5.24, ``past_key_values``
-    before)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def _module_rotary(attention: torch.nn.Module) -> Callable:
-    module = sys.modules[type(attention).__module__]
-    if not hasattr(module, "apply_rotary_pos_emb"):
-        raise ValueError(f"{type(attention).__name__}: no apply_rotary_pos_emb found next to it; the llm(K) site "
-                         "supports Llama, Mistral and Qwen2-style decoders")
-    return module.apply_rotary_pos_emb
-
-
-def _take(values: Tensor, positions: Tensor) -> Tensor:
-    """``values[b, positions[b]]`` for ``[B, L, D]`` values."""
-    return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
-
-
-def _take_seq(table: Tensor, index: Tensor) -> Tensor:
-    """Gather a rotary table ``[..., B or 1, L, d]`` at ``[B, L']`` positions along the sequence dim."""
-    batch = index.shape[0]
-    table = table.expand(*table.shape[:-3], batch, *table.shape[-2:])
-    lead = table.shape[:-3]
-    shape = (*lead, batch, index.shape[1], table.shape[-1])
-    expanded = index.view(*([1] * len(lead)), batch, index.shape[1], 1).expand(shape)
-    return table.gather(-2, expanded)
-
-
-def _take_last(values: Tensor, index: Tensor) -> Tensor:
-    """Gather ``[..., B or 1, L]`` (position ids, 2-D masks) at ``[B, L']`` along the last dim."""
-    batch = index.shape[0]
-    values = values.expand(*values.shape[:-2], batch, values.shape[-1])
-    return values.gather(-1, index.expand(*values.shape[:-2], batch, index.shape[1]))
-
-
-def _positions(mask: Tensor) -> Tensor:
-    """``[G, n]`` positions of the True entries of a ``[G, L]`` mask with n per row."""
-    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
-
-
-def _mask_columns(mask: Tensor, dead: Tensor) -> Tensor:
-    """Hide dead key columns from every query. A dead query still sees itself, so that no softmax row
-    is empty (an empty row gives NaN, and NaN values leak through zero weights)."""
-    blocked = dead[:, None, None, :]
-    if mask.shape[-2] == mask.shape[-1]:
-        eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-        blocked = blocked & ~(eye & dead[:, None, :, None])
-    if mask.dtype == torch.bool:
-        return mask & ~blocked
-    keep = mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
-    if mask.shape[-2] == mask.shape[-1]:
-        keep = keep.masked_fill(eye & dead[:, None, :, None], 0.0)
-    return keep
-
-
-def _last_prompt_position(attend: Tensor) -> Tensor:
-    """Index of the last attended position of each row."""
-    positions = torch.arange(attend.shape[1], device=attend.device).expand_as(attend)
-    return positions.masked_fill(~attend, -1).max(dim=1).values
-
-
-def text_after_visual(text: Tensor, visual: Tensor) -> Tensor:
-    """``[B, L]``: the ``text`` positions after each row's last visual token (DART's text pivots come
-    from the text that follows the image: the question). Rows without visual tokens keep none."""
-    positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
-    last = positions.masked_fill(~visual, -1).max(dim=1, keepdim=True).values
-    return text & (positions > last) & (last >= 0)
 
 
 def _extend_layers(state: DecoderCall, length: int) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:

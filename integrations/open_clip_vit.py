@@ -38,7 +38,7 @@ from torch import Tensor
 from vtoken import kernels
 from vtoken.registry import register_integration
 
-from .timm_vit import VisionEncoderIntegration
+from .vit_encoder import VisionEncoderIntegration
 from .vit_sites import EncoderLayout
 
 
