@@ -60,6 +60,7 @@ from .decoder_tensors import (
     take_seq,
     text_after_visual,
 )
+from .grouping import run_in_groups
 
 #: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
 CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
@@ -260,28 +261,31 @@ class DecoderSites:
 
         # rows with the same visual (and, for text pivots, text) counts and image count are selected together
         with_text = signals.TEXT_TOKENS in wanted
-        groups: dict[tuple[int, int, int], list[int]] = {}
+        keys = []
         for row in range(batch):
-            key = (int(visual[row].sum()), int(text[row].sum()) if with_text else 0, int(call.units[row]))
-            groups.setdefault(key, []).append(row)
-        # padding is dropped as well: the short rows are refilled with dead slots below
-        stay = attend & ~visual
-        kept_record = stats.kept.setdefault(str(site), [None] * batch)
-        for (n_visual, _, units), rows in groups.items():
-            if n_visual == 0:
-                continue
+            n_visual = int(visual[row].sum())
+            n_text = int(text[row].sum()) if with_text else 0
+            keys.append((n_visual, n_text, int(call.units[row])) if n_visual else None)
+
+        def stacked(rows: list[int]) -> TokenSet:
             rows_t = torch.tensor(rows, device=device)
             positions = positions_of(visual[rows_t])
             tokens = TokenSet.from_features(
-                take(normed[rows_t], positions), units=max(units, 1),
+                take(normed[rows_t], positions), units=max(int(call.units[rows[0]]), 1),
                 signals={name: value[rows_t].gather(1, positions) for name, value in computed.items()},
             )
             if with_text:
                 text_positions = positions_of(text[rows_t])
                 tokens.context["text_features"] = take(normed[rows_t], text_positions)
                 tokens.context["text_key_norm"] = computed[signals.KEY_NORM][rows_t].gather(1, text_positions)
-            _, keep = self.pipeline.run(site, tokens, stats, scoring_seconds=scoring / len(groups))
-            stay[rows_t[:, None], positions.gather(1, keep.indices)] = True
+            return tokens
+
+        # padding is dropped as well: the short rows are refilled with dead slots below
+        stay = attend & ~visual
+        kept_record = stats.kept.setdefault(str(site), [None] * batch)
+        for rows, _, keep in run_in_groups(self.pipeline, site, keys, stacked, stats, scoring):
+            rows_t = torch.tensor(rows, device=device)
+            stay[rows_t[:, None], positions_of(visual[rows_t]).gather(1, keep.indices)] = True
             for g, row in enumerate(rows):
                 kept_record[row] = keep.indices[g]
 

@@ -28,6 +28,7 @@ from vtoken.tokens import TokenSet
 from .base import Integration
 from .decoder import DecoderSites
 from .generation import WrappedGenerate, count_new_tokens_only, refuse_unsupported_generation, wants_cache
+from .grouping import run_in_groups
 from .vit_sites import EncoderLayout, EncoderSites
 
 POSITION_MODES = ("compact", "original")
@@ -382,24 +383,24 @@ class HFVisionLanguage(Integration):
         units = encoded.units
         if site is None:
             return [(u.features, u.slots()) for u in units]
-        groups: dict[tuple, list[int]] = {}
         result: list[tuple[Tensor, Tensor] | None] = [None] * len(units)
         for i, unit in enumerate(units):
             if unit.budget == 0:  # a view whose share of a split budget is nothing
                 result[i] = (unit.features[:0], unit.slots()[:0])
-                continue
-            groups.setdefault((tuple(unit.features.shape), unit.grid, unit.budget), []).append(i)
-        kept_record: list[Tensor | None] = [None] * len(units)
-        merged_record: list[Tensor | None] = [None] * len(units)
-        for (_, grid, budget), members in groups.items():
-            features = torch.stack([units[i].features for i in members])
-            tokens = TokenSet(
-                features=features, grid=grid, index=torch.stack([units[i].slots() for i in members]),
+        keys = [None if unit.budget == 0 else (tuple(unit.features.shape), unit.grid, unit.budget) for unit in units]
+
+        def stacked(members: list[int]) -> TokenSet:
+            return TokenSet(
+                features=torch.stack([units[i].features for i in members]), grid=units[members[0]].grid,
+                index=torch.stack([units[i].slots() for i in members]),
                 signals={name: torch.stack([units[i].signals[name] for i in members])
                          for name in units[members[0]].signals},
             )
-            share = encoded.scoring_seconds * len(members) / len(units)
-            after, keep = self.pipeline.run(site, tokens, stats, scoring_seconds=share, total=budget)
+
+        kept_record: list[Tensor | None] = [None] * len(units)
+        merged_record: list[Tensor | None] = [None] * len(units)
+        for members, after, keep in run_in_groups(self.pipeline, site, keys, stacked, stats, encoded.scoring_seconds,
+                                                  total=lambda key: key[2]):
             for row, i in enumerate(members):
                 result[i] = (after.features[row], after.index[row])
                 kept_record[i] = after.index[row]

@@ -33,6 +33,7 @@ from vtoken.stats import clock
 from vtoken.tokens import TokenSet
 
 from .base import HookSet
+from .grouping import run_in_groups
 
 QUERY_CHUNK = 256
 
@@ -166,22 +167,21 @@ class QwenVisionSites:
         units = hidden.view(-1, self.unit * hidden.shape[-1])  # one row per merge group
         per_group = {name: value.view(-1, self.unit).mean(1) for name, value in per_patch.items()}
         bounds = (cu_seqlens // self.unit).tolist()
-        groups: dict[tuple, list[int]] = {}
-        for s, segment in enumerate(state.segments):
-            groups.setdefault((bounds[s + 1] - bounds[s], segment.grid), []).append(s)
+        spans = [torch.arange(bounds[s], bounds[s + 1], device=device) for s in range(len(state.segments))]
+        keys = [(bounds[s + 1] - bounds[s], segment.grid) for s, segment in enumerate(state.segments)]
+
+        def stacked(members: list[int]) -> TokenSet:
+            return TokenSet(
+                features=torch.stack([units[spans[s]] for s in members]), grid=state.segments[members[0]].grid,
+                index=torch.stack([state.segments[s].index for s in members]),
+                signals={name: torch.stack([value[spans[s]] for s in members]) for name, value in per_group.items()},
+            )
+
         kept_rows: list[Tensor | None] = [None] * len(state.segments)
         kept_features: list[Tensor | None] = [None] * len(state.segments)
-        for (_, grid), members in groups.items():
-            spans = [torch.arange(bounds[s], bounds[s + 1], device=device) for s in members]
-            tokens = TokenSet(
-                features=torch.stack([units[span] for span in spans]), grid=grid,
-                index=torch.stack([state.segments[s].index for s in members]),
-                signals={name: torch.stack([value[span] for span in spans]) for name, value in per_group.items()},
-            )
-            share = scoring * len(members) / len(state.segments)
-            after, keep = self.pipeline.run(site, tokens, call.stats, scoring_seconds=share)
+        for members, after, keep in run_in_groups(self.pipeline, site, keys, stacked, call.stats, scoring):
             for row, s in enumerate(members):
-                kept_rows[s] = spans[row][keep.indices[row]]
+                kept_rows[s] = spans[s][keep.indices[row]]
                 kept_features[s] = after.features[row]
                 state.segments[s].index = after.index[row]
                 state.segments[s].grid = after.grid
