@@ -8,7 +8,12 @@ caller's prompt is put back in front of every returned sequence (``hf_vlm._resto
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
 
 #: generation modes whose extra forward passes vtoken does not follow: refused with this message
 UNSUPPORTED = {
@@ -71,3 +76,30 @@ def wants_cache(model: Any, kwargs: dict[str, Any]) -> bool:
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     value = getattr(config, "use_cache", None)
     return True if value is None else bool(value)
+
+
+def restore_prompt(output: Any, original_ids: Tensor, shrunk_length: int) -> Any:
+    """Put the caller's original prompt back in front of the generated tokens (each prompt repeated for
+    its several returned sequences, as generate returns them: a prompt's sequences are adjacent)."""
+    sequences = output if isinstance(output, Tensor) else getattr(output, "sequences", None)
+    if sequences is None:
+        return output
+    prompts = original_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // original_ids.shape[0], dim=0)
+    restored = torch.cat([prompts, sequences[:, shrunk_length:]], dim=1)
+    if isinstance(output, Tensor):
+        return restored
+    output.sequences = restored
+    return output
+
+
+def bind_arguments(function: Callable, owner: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name (``**kwargs`` flattened in), as ``function`` would receive them."""
+    inputs = _signature(function).bind_partial(owner, *args, **kwargs).arguments
+    inputs.pop("self", None)
+    inputs.update(inputs.pop("kwargs", {}))
+    return inputs
+
+
+@functools.lru_cache(maxsize=64)
+def _signature(function: Callable) -> inspect.Signature:
+    return inspect.signature(function)

@@ -8,96 +8,40 @@ Prefill is intercepted before the model sees it:
   ``generate`` starts, so its own bookkeeping (attention mask growth, position ids, cache length) is
   consistent from the first step; the returned sequences start with the caller's original input ids.
 Nothing of the model's own code is copied; ``remove`` deletes the hook and the instance attribute.
+The pure tensor code lives apart: ``visual_blocks`` (placeholders, units, assembly), ``vtoken.sequence``
+(packing the shrunk rows), ``generation`` (generate's arguments and returned sequences).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
-from vtoken.sequence import Packing, pack_rows, padding_side
+from vtoken.sequence import gather_sequence, mask_positions, pack_rows, padding_side
 from vtoken.sites import Site
 from vtoken.stats import Stats
 from vtoken.tokens import TokenSet
 
 from .base import Integration
 from .decoder import DecoderSites
-from .generation import WrappedGenerate, count_new_tokens_only, refuse_unsupported_generation, wants_cache
+from .generation import (
+    WrappedGenerate,
+    bind_arguments,
+    count_new_tokens_only,
+    refuse_unsupported_generation,
+    restore_prompt,
+    wants_cache,
+)
 from .grouping import run_in_groups
+from .visual_blocks import Encoded, Prefill, VisualBlock, VisualUnit, assemble_blocks, blocks_per_row
 from .vit_sites import EncoderLayout, EncoderSites
 
+# the family files build their visual layout with these; they are imported from here
+__all__ = ["HFVisionLanguage", "Encoded", "Prefill", "VisualBlock", "VisualUnit", "POSITION_MODES"]
+
 POSITION_MODES = ("compact", "original")
-
-
-@dataclass
-class VisualBlock:
-    """The run of placeholder tokens one image (or clip) fills in ``input_ids``.
-
-    Blocks of one ``token_id`` fill that kind's placeholders in order. ``size`` is the number of
-    placeholders. ``fill`` ``[size, D]`` holds the features of structural slots that belong to no unit
-    (LLaVA-NeXT's row-end ``image_newline``); ``finalize`` turns the slots the units keep into the
-    block's final keep mask (e.g. keeping a row's newline when the row keeps any token).
-    """
-
-    token_id: int
-    size: int
-    fill: Tensor | None = None
-    finalize: Callable[[Tensor], Tensor] | None = None
-
-
-@dataclass
-class VisualUnit:
-    """One budget unit at the projector: an image, a view of an image, a video clip or a frame.
-
-    block:    index of the VisualBlock whose placeholders the unit's features go to.
-    features: ``[N, D]`` features after the projector; grid: ``(h, w)`` when they form one.
-    signals:  per-token signals ``[N, ...]`` the stages asked for.
-    index:    the block slot of each feature, ascending (None: slots 0..N-1).
-    """
-
-    block: int
-    features: Tensor
-    grid: tuple[int, int] | None
-    signals: dict[str, Tensor] = field(default_factory=dict)
-    index: Tensor | None = None
-    #: this unit's share of a budget the integration split itself (e.g. over an image's views)
-    budget: int | None = None
-
-    def slots(self) -> Tensor:
-        if self.index is not None:
-            return self.index
-        return torch.arange(self.features.shape[0], device=self.features.device)
-
-
-@dataclass
-class Encoded:
-    blocks: list[VisualBlock]
-    units: list[VisualUnit]
-    scoring_seconds: float = 0.0
-
-    @classmethod
-    def one_block_per_unit(cls, token_id: int, units: list[VisualUnit], slots: int | None = None,
-                           scoring_seconds: float = 0.0) -> "Encoded":
-        """The common layout: each unit fills its own block (of ``slots`` placeholders, default its size)."""
-        blocks = []
-        for i, unit in enumerate(units):
-            unit.block = i
-            blocks.append(VisualBlock(token_id=token_id, size=slots or unit.features.shape[0]))
-        return cls(blocks=blocks, units=units, scoring_seconds=scoring_seconds)
-
-
-@dataclass
-class Prefill:
-    """What the LLM-site hooks need to know about the sequence the language model is about to see."""
-
-    visual: Tensor  # [B, L] bool: visual-token positions of the language model's input
-    units: Tensor  # [B] images per row
-    attention_mask: Tensor | None
 
 
 class HFVisionLanguage(Integration):
@@ -198,7 +142,7 @@ class HFVisionLanguage(Integration):
         if call is not None and call.kind == "generate":
             return self._generate_step(call, module, args, kwargs)
         call = self.begin_call("forward")  # ended by _after_forward, also when the forward raises
-        inputs = _bind(type(module).forward, module, args, kwargs)
+        inputs = bind_arguments(type(module).forward, module, args, kwargs)
         if not self._has_images(inputs):
             return None
         return (), self.prepare(inputs, for_generate=False, call=call)
@@ -240,7 +184,7 @@ class HFVisionLanguage(Integration):
 
     def _generate(self, *args: Any, **kwargs: Any) -> Any:
         original = self._original_generate()
-        inputs = _bind(type(self.model).generate, self.model, args, kwargs)
+        inputs = bind_arguments(type(self.model).generate, self.model, args, kwargs)
         if "inputs" in inputs:
             inputs["input_ids"] = inputs.pop("inputs")
         refuse_unsupported_generation(inputs)
@@ -264,7 +208,7 @@ class HFVisionLanguage(Integration):
             count_new_tokens_only(self.model, prepared, original_ids.shape[1])
             shrunk = prepared["input_ids"].shape[1]
             output = original(**prepared)
-            return _restore_prompt(output, original_ids, shrunk)
+            return restore_prompt(output, original_ids, shrunk)
         finally:
             self.end_call(call)
 
@@ -276,7 +220,7 @@ class HFVisionLanguage(Integration):
         if recompute is None:
             return None
         length, prepared = recompute
-        inputs = _bind(type(module).forward, module, args, kwargs)
+        inputs = bind_arguments(type(module).forward, module, args, kwargs)
         ids = inputs["input_ids"]
         rows = ids.shape[0] // prepared["inputs_embeds"].shape[0]  # beams / returned sequences per prompt
 
@@ -317,7 +261,7 @@ class HFVisionLanguage(Integration):
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
         image_mask = torch.zeros_like(seq_keep)
-        block_keep, block_values = self._assemble_blocks(encoded, kept)
+        block_keep, block_values = assemble_blocks(encoded, kept)
         for token_id in dict.fromkeys(block.token_id for block in encoded.blocks):
             placeholders = input_ids == token_id
             mine = [i for i, block in enumerate(encoded.blocks) if block.token_id == token_id]
@@ -332,7 +276,7 @@ class HFVisionLanguage(Integration):
             embeds[placeholders & seq_keep] = values.to(embeds.dtype)
             image_mask |= placeholders
 
-        units = self._blocks_per_row(input_ids, encoded.blocks)
+        units = blocks_per_row(input_ids, encoded.blocks)
         out = {k: v for k, v in inputs.items() if k not in self.image_inputs and k != "input_ids"}
         mask = inputs.get("attention_mask")
         positions = self._positions(inputs, for_generate)
@@ -352,9 +296,9 @@ class HFVisionLanguage(Integration):
                 out["labels"] = packing.gather(inputs["labels"], pad_value=-100)
             for key in self.extra_sequence_inputs():
                 if inputs.get(key) is not None:
-                    out[key] = self._gather_sequence(packing, inputs[key])
+                    out[key] = gather_sequence(packing, inputs[key])
             if positions is not None:
-                out["position_ids"] = self._gather_sequence(packing, positions, pad_value=0)
+                out["position_ids"] = gather_sequence(packing, positions, pad_value=0)
             else:
                 compact = self.compact_positions(packing.mask, inputs, for_generate)
                 if compact is not None:
@@ -410,40 +354,6 @@ class HFVisionLanguage(Integration):
             stats.merged[str(site)] = merged_record
         return result
 
-    def _assemble_blocks(self, encoded: Encoded,
-                         kept: list[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per block: the keep mask of its placeholder slots and the feature each slot receives."""
-        masks, values = [], []
-        for b, block in enumerate(encoded.blocks):
-            mine = [i for i, unit in enumerate(encoded.units) if unit.block == b]
-            dim = kept[mine[0]][0].shape[-1]
-            device = kept[mine[0]][0].device
-            value = block.fill.clone() if block.fill is not None else torch.zeros(
-                block.size, dim, dtype=kept[mine[0]][0].dtype, device=device)
-            mask = torch.zeros(block.size, dtype=torch.bool, device=device)
-            for i in mine:
-                features, slots = kept[i]
-                if slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
-                    raise RuntimeError("kept tokens must stay in placeholder order")
-                mask[slots] = True
-                value[slots] = features.to(value.dtype)
-            if block.finalize is not None:
-                mask = block.finalize(mask)
-            masks.append(mask)
-            values.append(value)
-        return masks, values
-
-    def _blocks_per_row(self, input_ids: Tensor, blocks: list[VisualBlock]) -> Tensor:
-        """How many visual blocks (images or clips: the per-image budget unit) each row holds."""
-        counts = torch.zeros(input_ids.shape[0], dtype=torch.long)
-        for token_id in dict.fromkeys(block.token_id for block in blocks):
-            sizes = iter([block.size for block in blocks if block.token_id == token_id])
-            for row, tokens in enumerate((input_ids == token_id).sum(1).tolist()):
-                while tokens > 0:
-                    tokens -= next(sizes)
-                    counts[row] += 1
-        return counts.to(input_ids.device)
-
     def _positions(self, inputs: dict[str, Any], for_generate: bool) -> Tensor | None:
         """Original position ids to keep (positions='original'), or None to let the model count anew."""
         if self.settings["positions"] != "original":
@@ -451,20 +361,6 @@ class HFVisionLanguage(Integration):
         if inputs.get("position_ids") is not None:
             return inputs["position_ids"]
         return self.default_positions(inputs, for_generate)
-
-    def _gather_sequence(self, packing: Packing, values: Tensor, pad_value: Any = None) -> Tensor:
-        """Gather a per-position tensor whose last dim is the sequence (``[B, L]`` or ``[C, B, L]``)."""
-        batch = packing.index.shape[0]
-        if values.dim() == 2:
-            return packing.gather(values.expand(batch, -1), pad_value=pad_value)
-        moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
-        return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
-
-
-def mask_positions(mask: Tensor) -> Tensor:
-    """Position ids counted from each row's first token (padding slots get 0), as generate counts them."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:
     for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
@@ -474,28 +370,3 @@ def _pad_id(model: Any, input_ids: Tensor) -> int:
     return 0
 
 
-def _restore_prompt(output: Any, original_ids: Tensor, shrunk_length: int) -> Any:
-    """Put the caller's original prompt back in front of the generated tokens (each prompt repeated for
-    its several returned sequences, as generate returns them: a prompt's sequences are adjacent)."""
-    sequences = output if isinstance(output, Tensor) else getattr(output, "sequences", None)
-    if sequences is None:
-        return output
-    prompts = original_ids.to(sequences.device).repeat_interleave(sequences.shape[0] // original_ids.shape[0], dim=0)
-    restored = torch.cat([prompts, sequences[:, shrunk_length:]], dim=1)
-    if isinstance(output, Tensor):
-        return restored
-    output.sequences = restored
-    return output
-
-
-def _bind(function: Callable, owner: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by name (``**kwargs`` flattened in), as ``function`` would receive them."""
-    inputs = _signature(function).bind_partial(owner, *args, **kwargs).arguments
-    inputs.pop("self", None)
-    inputs.update(inputs.pop("kwargs", {}))
-    return inputs
-
-
-@functools.lru_cache(maxsize=64)
-def _signature(function: Callable) -> inspect.Signature:
-    return inspect.signature(function)

@@ -9,6 +9,7 @@ which every row drops the same number of tokens keeps its exact padding layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,3 +70,17 @@ def pack_rows(keep: Tensor, attention_mask: Tensor | None) -> Packing:
             index[row] = torch.cat([content, slots])
             mask[row, : content.numel()] = 1
     return Packing(index=index, mask=mask, left=left)
+
+
+def mask_positions(mask: Tensor) -> Tensor:
+    """Position ids counted from each row's first token (padding slots get 0), as generate counts them."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def gather_sequence(packing: Packing, values: Tensor, pad_value: Any = None) -> Tensor:
+    """Gather a per-position tensor whose last dim is the sequence (``[B, L]`` or ``[C, B, L]``)."""
+    batch = packing.index.shape[0]
+    if values.dim() == 2:
+        return packing.gather(values.expand(batch, -1), pad_value=pad_value)
+    moved = values.expand(values.shape[0], batch, -1).permute(1, 2, 0)  # [B, L, C]
+    return packing.gather(moved, pad_value=pad_value).permute(2, 0, 1)
