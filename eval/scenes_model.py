@@ -162,7 +162,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no scenes model at {path} (no config.json); train one with "
-            "`python -m vtoken.eval.train_scenes --out <dir>` or pass model_path"
+            "`python scripts/train_scenes.py --out <dir>` (in a source checkout) or pass model_path"
         )
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -186,7 +186,7 @@ def test_model_size_is_read_back_from_a_built_model():
 
 
 def test_training_forward_matches_the_model():
-    from vtoken.eval import train_scenes
+    import train_scenes
 
     model = sm.build_model(TINY, seed=2)
     tokenizer = sm.build_tokenizer()
@@ -194,7 +194,7 @@ def test_training_forward_matches_the_model():
 
 
 def test_sincos_table_makes_row_and_column_linear():
-    from vtoken.eval import train_scenes
+    import train_scenes
 
     table = train_scenes.sincos_position_table(128)
     assert table.shape == (577, 128) and torch.count_nonzero(table[0]) == 0  # [CLS] carries no position
@@ -208,7 +208,7 @@ def test_sincos_table_makes_row_and_column_linear():
 
 
 def test_position_heads_read_the_named_objects():
-    from vtoken.eval import train_scenes
+    import train_scenes
 
     scene = Scene(seed=0, background="noise", objects=[_obj("star", "red", "medium", 50.0, 80.0),
                                                       _obj("circle", "blue", "large", 250.0, 200.0)])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-Keep_ = int | float
-
 
 def validate_keep(keep: object, where: str = "keep") -> None:
     """Raise a ValueError naming the accepted values unless ``keep`` is a valid budget."""

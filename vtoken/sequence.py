@@ -45,7 +45,7 @@ def padding_side(attention_mask: Tensor | None) -> str | None:
 
 def pack_rows(keep: Tensor, attention_mask: Tensor | None) -> Packing:
     """Pack the positions where ``keep`` ``[B, L]`` is True (and the row is not padding) into new rows."""
-    batch, length = keep.shape
+    batch = keep.shape[0]
     valid = keep if attention_mask is None else keep & attention_mask.bool()
     pads = (
         torch.zeros_like(keep) if attention_mask is None else ~attention_mask.bool()

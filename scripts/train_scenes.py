@@ -1,7 +1,7 @@
 """Train the embedded scenes model, seeded (CPU or CUDA): from scratch, or continuing a checkpoint.
 
-    python -m vtoken.eval.train_scenes --out assets/scenes-llava --seed 0 --device cuda --workers 14
-    python -m vtoken.eval.train_scenes --init assets/scenes-llava --out runs/next --minutes 30 --threads 2
+    python scripts/train_scenes.py --out assets/scenes-llava --seed 0 --device cuda --workers 14
+    python scripts/train_scenes.py --init assets/scenes-llava --out runs/next --minutes 30 --threads 2
 
 Each step's images and questions depend only on ``--seed`` and the step number, so the data does not
 depend on ``--workers`` (data-loading processes) or the device. The shipped checkpoint was made in two
@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import scenes
-from . import scenes_model as sm
-from .scenes_benchmark import accuracy_by_category
+from vtoken.eval import scenes
+from vtoken.eval import scenes_model as sm
+from vtoken.eval.scenes_benchmark import accuracy_by_category
 
 COLOR_INDEX = {c: i for i, c in enumerate(scenes.COLOR_NAMES)}
 SHAPE_INDEX = {s: i for i, s in enumerate(scenes.SHAPES)}
@@ -564,7 +564,7 @@ def main(argv=None) -> int:
     record = {
         "accuracy": report,
         "decoding": "argmax of the first answer token's logits over the whole vocabulary (greedy), exact match",
-        "command": "python -m vtoken.eval.train_scenes " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python scripts/train_scenes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed,
         "steps": steps_done,
         "minutes_budget": args.minutes or None,
