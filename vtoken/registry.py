@@ -16,27 +16,22 @@ INTEGRATIONS: dict[str, type] = {}
 
 def register_stage(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make a Stage available as ``vtoken.wrap(model, name)``."""
-
-    def decorator(cls: type[T]) -> type[T]:
-        if "+" in name or not name.isidentifier():
-            raise ValueError(f"stage name {name!r} must be an identifier (no '+')")
-        if name in STAGES and STAGES[name] is not cls:
-            raise ValueError(f"a stage named {name!r} is already registered ({STAGES[name].__qualname__})")
-        cls.name = name
-        STAGES[name] = cls
-        return cls
-
-    return decorator
+    if "+" in name or "@" in name or not name.isidentifier():
+        raise ValueError(f"stage name {name!r} must be an identifier (no '+' or '@': they join a method spec)")
+    return _registrar(STAGES, "stage", name)
 
 
 def register_integration(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: register an Integration (it says itself which models it ``matches``)."""
+    return _registrar(INTEGRATIONS, "integration", name)
 
+
+def _registrar(table: dict[str, type], kind: str, name: str) -> Callable[[type[T]], type[T]]:
     def decorator(cls: type[T]) -> type[T]:
-        if name in INTEGRATIONS and INTEGRATIONS[name] is not cls:
-            raise ValueError(f"an integration named {name!r} is already registered")
+        if name in table and table[name] is not cls:
+            raise ValueError(f"a {kind} named {name!r} is already registered ({table[name].__qualname__})")
         cls.name = name
-        INTEGRATIONS[name] = cls
+        table[name] = cls
         return cls
 
     return decorator
