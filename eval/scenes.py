@@ -434,21 +434,3 @@ def vocabulary() -> list[str]:
              "small", "shape", "yes", "no"}
     words |= set(SHAPES) | set(PLURALS.values()) | set(COLOR_NAMES) | set(NUMBERS)
     return sorted(words)
-
-
-def save_samples(folder: str | Path, n: int = 6, first: int = 10**6) -> list[dict[str, Any]]:
-    """Write ``n`` held-out scenes as ``scene-XX.png`` and their questions (every category the scene
-    supports) as ``questions.json`` records ``{"image", "question", "answer", "category", "seed"}``.
-    The scenes come from the held-out range, past the benchmark's questions (``first``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    for i in range(n):
-        seed = scene_seed("heldout", first + i)
-        image, scene = make_scene(seed)
-        name = f"scene-{i + 1:02d}.png"
-        image.save(folder / name, optimize=True)
-        for item in questions_for(scene, np.random.default_rng([seed, 17])):
-            records.append({"image": name, **item, "seed": seed})
-    (folder / "questions.json").write_text(json.dumps(records, indent=1))
-    return records
