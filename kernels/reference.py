@@ -11,6 +11,10 @@ from torch import Tensor
 
 #: norms below this are treated as this (cosine of a zero vector is 0, never NaN)
 COSINE_EPS = 1e-6
+#: distances per block of ``nearest_neighbour_distance``: 4 Mi float32, 16 MiB
+NEAREST_BLOCK_ELEMENTS = 1 << 22
+#: block rows of ``nearest_neighbour_distance`` come in multiples of this, whatever N
+MIN_BLOCK_ROWS = 64
 
 
 def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
@@ -53,15 +57,37 @@ def normalize(x: Tensor) -> Tensor:
     return x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
 
 
-def nearest_neighbour_distance(xn: Tensor, valid: Tensor | None = None) -> Tensor:
+def nearest_neighbour_distance(xn: Tensor, valid: Tensor | None = None, *,
+                               block_rows: int | None = None) -> Tensor:
     """For unit rows ``[B, N, D]``: each token's distance (1 - cosine) to its nearest other valid token.
-    Invalid tokens get -inf (never picked first)."""
-    distance = 1.0 - xn @ xn.transpose(1, 2)
-    n = xn.shape[1]
-    blocked = torch.eye(n, dtype=torch.bool, device=xn.device)[None]
-    if valid is not None:
-        blocked = blocked | ~valid[:, None, :]
-    nearest = distance.masked_fill(blocked, float("inf")).min(dim=-1).values
+    Invalid tokens get -inf (never picked first).
+
+    Memory grows as N, never as N x N: the distances are computed ``block_rows`` tokens at a time against
+    all N, keeping only each row's minimum. Every block has the same number of rows (the last one ends at
+    row N and overlaps its predecessor), so each is the same matrix product: no small remainder product,
+    which BLAS may sum in another order. Default: the multiple of ``MIN_BLOCK_ROWS`` rows that keeps a
+    block within ``NEAREST_BLOCK_ELEMENTS`` distances, at least ``MIN_BLOCK_ROWS``; a batch of one image
+    of up to 2,048 tokens is one block, the full N x N product, as a 576-token image always is."""
+    batch, n, _ = xn.shape
+    if block_rows is None:
+        fit = NEAREST_BLOCK_ELEMENTS // max(1, batch * n)
+        block_rows = max(MIN_BLOCK_ROWS, fit // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)
+    if block_rows < 16:  # products of a few rows take BLAS's matrix-vector paths, summed in another order
+        raise ValueError(f"block_rows must be >= 16; got {block_rows}")
+    rows = max(1, min(block_rows, n))
+    xn = xn.detach()  # distances only rank tokens; out= products need tensors without autograd history
+    keys = xn.transpose(1, 2)
+    others = None if valid is None else ~valid.bool()[:, None, :]  # [B, 1, N]: True = not a neighbour
+    nearest = xn.new_empty(batch, n)
+    distance = xn.new_empty(batch, rows, n)  # one buffer for every block: no allocator churn
+    for block in range(0, n, rows):
+        start = min(block, n - rows)  # the last block ends at row N
+        torch.matmul(xn[:, start:start + rows], keys, out=distance)
+        distance.neg_().add_(1.0)  # 1 - cosine, the same rounding as 1.0 - product
+        distance.diagonal(offset=start, dim1=1, dim2=2).fill_(float("inf"))  # a token is not its own neighbour
+        if others is not None:
+            distance.masked_fill_(others, float("inf"))
+        nearest[:, start:start + rows] = distance.min(dim=-1).values
     nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)  # a lone valid token has no neighbour
     if valid is not None:
         nearest = nearest.masked_fill(~valid, float("-inf"))

@@ -176,3 +176,41 @@ def test_budget_edges(monkeypatch, device, backend):
     lone = torch.zeros(2, 20, dtype=torch.bool, device=device)
     lone[:, 7] = True  # a single valid token has no neighbour: it is still the first pick
     assert K.kcenter_select(x, 1, valid=lone).tolist() == [[7], [7]]
+
+
+def full_matrix_nearest(xn: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The nearest-neighbour distances from the whole N x N distance matrix at once."""
+    distance = 1.0 - xn @ xn.transpose(1, 2)
+    blocked = torch.eye(xn.shape[1], dtype=torch.bool)[None]
+    if valid is not None:
+        blocked = blocked | ~valid[:, None, :]
+    nearest = distance.masked_fill(blocked, float("inf")).min(dim=-1).values
+    nearest = nearest.masked_fill(torch.isinf(nearest), 0.0)
+    return nearest if valid is None else nearest.masked_fill(~valid, float("-inf"))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("block_rows", [16, 17, 64, 100, 130, 1000])
+def test_reference_nearest_neighbour_in_row_blocks_is_the_full_matrix_result(padded, block_rows):
+    """Row blocks (the last one overlapping so that all have one shape) give bit-identical distances."""
+    x, valid = make_inputs(Case(2, 130, 20, 1, padded=padded))
+    x[:, 90] = x[:, 5]  # an exact duplicate pair in different blocks
+    xn = reference.normalize(x)
+    got = reference.nearest_neighbour_distance(xn, valid, block_rows=block_rows)
+    assert torch.equal(got, full_matrix_nearest(xn, valid))
+
+
+def test_reference_kcenter_picks_do_not_depend_on_the_blocking(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 32, generator=g)
+    x[:, 250] = x[:, 3]
+    valid = torch.rand(2, 300, generator=g) > 0.2
+    whole = reference.kcenter_select(x, 20, valid=valid)  # 300 x 300 fits one block
+    monkeypatch.setattr(reference, "NEAREST_BLOCK_ELEMENTS", 2 * 300 * 64)  # 64-row blocks
+    assert torch.equal(reference.kcenter_select(x, 20, valid=valid), whole)
+    assert whole.tolist() == slow_kcenter(x, 20, valid)
+
+
+def test_reference_nearest_neighbour_refuses_tiny_blocks():
+    with pytest.raises(ValueError, match="block_rows must be >= 16"):
+        reference.nearest_neighbour_distance(reference.normalize(torch.randn(1, 40, 8)), block_rows=4)
