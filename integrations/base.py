@@ -156,3 +156,74 @@ class Integration:
 
     def remove(self) -> None:
         raise NotImplementedError
+
+    # --- what bench, FLOPs and the demo ask a family ---
+    # These read the model and run parts of it; none installs a hook. Ask them through ``for_model``,
+    # on a wrapped model or not: the bench, ``vtoken.flops`` and the demo hold no family knowledge.
+    @classmethod
+    def for_model(cls, model: Any, **options: Any) -> "Integration":
+        """The integration ``vtoken.wrap`` would pick for ``model`` (the first registered one that
+        matches it), built with no pipeline (``pipeline`` is None) and no hooks, to answer the questions
+        below. ``options``: integration options, as ``vtoken.wrap`` takes them (defaults otherwise)."""
+        from vtoken.api import find_integration
+
+        return find_integration(model)(model, None, **options)
+
+    def _lacks(self, what: str) -> NotImplementedError:
+        return NotImplementedError(f"the {self.name or type(self).__name__} integration ({self.family}) does "
+                                   f"not provide {what}")
+
+    def language_model(self) -> Any:
+        """The decoder module the ``llm(K)`` site hooks: called with the embeddings the model feeds it,
+        it returns the last hidden states (the bench's oracle runs it alone)."""
+        raise self._lacks("its language model")
+
+    def model_dims(self) -> Any:
+        """The model's dimensions for ``vtoken.flops`` (a ``vtoken.flops.ModelDims``), read from its config."""
+        raise self._lacks("model dimensions for FLOPs")
+
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        """Model inputs for the bench: ``batch`` identical rows, each one image of random pixels
+        (``dtype``) and ``text_tokens`` random text ids around its placeholders, on ``device``; the same
+        for the same ``seed``. ``visual_tokens``: the image's visual-token count where the family can set
+        it (through the image size), None for the family's usual count; a count it cannot give raises
+        ValueError naming the ones it can."""
+        raise self._lacks("synthetic inputs for the bench")
+
+    def visual_counts(self, inputs: dict[str, Any]) -> Any:
+        """What the visual part of one sample of ``inputs`` holds (every row alike, as the bench's rows
+        are): images per sample, patches per image entering the vision tower, visual tokens per image in
+        the language model's input, as a ``vtoken.flops.VisualCounts``."""
+        raise self._lacks("the visual token counts of its inputs")
+
+    def run_vision(self, inputs: dict[str, Any]) -> Any:
+        """The vision part alone (encoder and projector, as the unwrapped model runs them) on the images of
+        ``inputs``, without gradients; returns the projector's output."""
+        raise self._lacks("a way to run its vision part alone")
+
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens every image gives when the count does not depend on the image (a fixed-size
+        encoder, such as LLaVA-1.5's 576), None when it does."""
+        raise self._lacks("its visual tokens per image")
+
+    def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """For each visual unit of ``inputs`` (the budget unit: an image, or a view, clip or frame), in
+        placeholder order: the (rows, columns) grid its visual tokens form at the projector, row-major,
+        or None where they form no single grid."""
+        raise self._lacks("the patch grids of its visual units")
+
+    def overlay_view(self, image: Any, processor: Any) -> Any:
+        """The part of ``image`` (a PIL image) that a unit's grid covers once ``processor`` has prepared
+        it (resized, cropped): what the demo draws the kept tokens over."""
+        raise self._lacks("the image region its patch grid covers")
+
+    @staticmethod
+    def random_text_ids(vocab: int, count: int, generator: Any, avoid: Any = ()) -> list[int]:
+        """``count`` random ordinary token ids below ``vocab`` (none of ``avoid``), for synthetic prompts."""
+        import torch
+
+        low, high = min(100, vocab // 4), min(vocab, 30000)
+        ids = torch.randint(low, high, (count * 2,), generator=generator).tolist()
+        skip = set(avoid)
+        return [i for i in ids if i not in skip][:count]

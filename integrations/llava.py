@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from vtoken import kernels, signals
+from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
@@ -161,9 +162,105 @@ class LlavaIntegration(HFVisionLanguage):
         k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
         return kernels.attention_rows(q, k, scale=attention.scale)[:, 0]
 
+    # --- what bench, FLOPs and the demo ask a family ---
+    def patch_side(self) -> int:
+        """Patches per side of the square image the CLIP tower takes (336 px / 14 px -> 24)."""
+        vision = self.model.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def model_dims(self) -> ModelDims:
+        """CLIP ViT ([CLS] + patches), the 2-layer MLP projector (on the concatenated feature layers when
+        ``vision_feature_layer`` is a list) and the decoder."""
+        config = self.model.config
+        vision = config.vision_config
+        llm = llm_dims_from_config(config.text_config)
+        layers = config.vision_feature_layer
+        concatenated = len(layers) if isinstance(layers, (list, tuple)) else 1
+        tower = VisionDims(
+            layers=int(vision.num_hidden_layers), hidden=int(vision.hidden_size),
+            intermediate=int(vision.intermediate_size),
+            patch_dim=int(getattr(vision, "num_channels", 3)) * vision.patch_size ** 2, prefix=1,
+        )
+        projector = ProjectorDims(in_dim=tower.hidden * concatenated, hidden=llm.hidden, out_dim=llm.hidden)
+        return ModelDims(tower, projector, llm)
+
+    def tokens_per_image(self) -> int | None:
+        """Every image gives the tower's patch grid (plus [CLS] with the 'full' feature strategy)."""
+        full = self.model.config.vision_feature_select_strategy != "default"
+        return self.patch_side() ** 2 + (1 if full else 0)
+
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        """``<bos>``, half the text, the image's placeholders, the rest of the text; a square image of
+        the tower's size (its token count is fixed: ``visual_tokens`` may only repeat it)."""
+        config = self.model.config
+        fixed = self.tokens_per_image()
+        if visual_tokens is not None and visual_tokens != fixed:
+            raise ValueError(f"{self.family} images give {fixed} visual tokens each (the tower's fixed image "
+                             f"size); visual_tokens={visual_tokens} cannot be made, accepted: {fixed} or None")
+        generator = torch.Generator().manual_seed(seed)
+        image = int(config.image_token_id)
+        bos = getattr(config.text_config, "bos_token_id", None)
+        bos = 1 if bos is None else int(bos)
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator,
+                                    avoid=[image, bos])
+        before = len(text) // 2
+        ids = [bos] + text[:before] + [image] * fixed + text[before:]
+        input_ids = torch.tensor([ids] * batch, device=device)
+        size = config.vision_config.image_size
+        pixels = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+    def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
+        tokens = self.tokens_per_image()
+        images = int((inputs["input_ids"][0] == self.image_token_id()).sum()) // tokens
+        return VisualCounts(images=images, patches=self.patch_side() ** 2, tokens=tokens)
+
+    def run_vision(self, inputs: dict[str, Any]) -> Any:
+        config = self.model.config
+        extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
+        with torch.no_grad():
+            return self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy, **extra,
+            ).pooler_output
+
+    def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """One unit per image, on the tower's square patch grid ([CLS] among the tokens: no grid)."""
+        side = self.patch_side()
+        grid = (side, side) if self.model.config.vision_feature_select_strategy == "default" else None
+        return [grid] * int(inputs["pixel_values"].shape[0])
+
+    def overlay_view(self, image: Any, processor: Any) -> Any:
+        """The image resized and centre-cropped as a CLIP image processor does (shortest edge, then crop)."""
+        from PIL import Image
+
+        ip = getattr(processor, "image_processor", None)
+        size, crop = getattr(ip, "size", None), getattr(ip, "crop_size", None)
+        shortest = _size_value(size, "shortest_edge")
+        if getattr(ip, "do_resize", True) and shortest:
+            scale = shortest / min(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
+        elif getattr(ip, "do_resize", True) and _size_value(size, "height") and _size_value(size, "width"):
+            image = image.resize((_size_value(size, "width"), _size_value(size, "height")), Image.BICUBIC)
+        ch, cw = _size_value(crop, "height"), _size_value(crop, "width")
+        if getattr(ip, "do_center_crop", False) and ch and cw:
+            left, top = (image.width - cw) // 2, (image.height - ch) // 2
+            image = image.crop((left, top, left + cw, top + ch))
+        return image
+
 
 def _capture_into(store: dict[int, Tensor], index: int):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         store[index] = args[0] if args else kwargs["hidden_states"]
 
     return hook
+
+
+def _size_value(size: Any, key: str) -> int | None:
+    """One entry of an image processor's ``size``/``crop_size`` (a dict or an object), None when unset."""
+    if size is None:
+        return None
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None

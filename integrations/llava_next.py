@@ -147,6 +147,34 @@ class LlavaNextIntegration(LlavaIntegration):
             weights = [base_share] + [w * (budget - base_share) / max(sum(crop_weights), 1e-12) for w in crop_weights]
         return split_budget(budget, weights, sizes)
 
+    # --- what bench, FLOPs and the demo ask a family ---
+    # model_dims and run_vision are LLaVA's (the same tower, projector and decoder); the token counts are not
+    def tokens_per_image(self) -> int | None:
+        """None: an image's views and row-end newlines depend on its size (AnyRes)."""
+        return None
+
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        raise NotImplementedError(f"synthetic inputs for {self.family} are not implemented: an AnyRes image's "
+                                  "token count depends on its size and views (vtoken bench supports llava, "
+                                  "qwen2_vl and qwen2_5_vl)")
+
+    def visual_counts(self, inputs: dict[str, Any]) -> Any:
+        raise NotImplementedError(f"visual counts for {self.family} are not implemented: an AnyRes image runs "
+                                  "several views through the tower and packs them with row-end newlines, which "
+                                  "one patches-per-image count does not describe")
+
+    def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """With ``anyres_budget='global'`` (the default) a unit is a whole image: its base view, crops and
+        newlines form no single grid, so one None per image."""
+        if self.settings["anyres_budget"] != "global":
+            raise NotImplementedError(f"unit grids for {self.family} with anyres_budget="
+                                      f"{self.settings['anyres_budget']!r} are not implemented (accepted: 'global')")
+        return [None] * len(inputs["image_sizes"])
+
+    def overlay_view(self, image: Any, processor: Any) -> Any:
+        raise NotImplementedError(f"{self.family} has no single patch grid per image to draw over the image")
+
 
 def split_budget(total: int, weights: list[float], caps: list[int]) -> list[int]:
     """Integer shares of ``total`` proportional to ``weights`` (largest remainder), each at most its cap

@@ -28,6 +28,7 @@ Map of the model:
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, ClassVar
 
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from vtoken import signals
+from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
 from vtoken.sites import Site
 from vtoken.stats import clock
@@ -231,6 +233,112 @@ class Qwen2VLIntegration(HFVisionLanguage):
         spatial = positions[-3:].masked_fill(mask[None] == 0, -1)
         next_position = spatial.amax(dim=(0, 2)) + 1
         self.model.model.rope_deltas = (next_position - mask.sum(-1)).unsqueeze(1)
+
+    # --- what bench, FLOPs and the demo ask a family ---
+    #: the bench's image when no count is asked for: 48 x 48 patches (672 px at 14 px), 576 tokens after
+    #: the 2x2 merge, as many as LLaVA-1.5's 336 px image gives
+    synthetic_visual_tokens: ClassVar[int] = 576
+
+    def model_dims(self) -> ModelDims:
+        """The ViT over patches (no [CLS]; Qwen2.5-VL: SwiGLU MLP, windowed attention outside its
+        full-attention blocks), the PatchMerger (``merge`` x ``merge`` patches per token) and the decoder."""
+        config = self.model.config
+        vision = config.vision_config
+        llm = llm_dims_from_config(config.text_config)
+        merge = int(vision.spatial_merge_size) ** 2
+        patch_dim = int(getattr(vision, "in_channels", 3)) * vision.temporal_patch_size * vision.patch_size ** 2
+        if config.model_type == "qwen2_vl":
+            width = int(vision.embed_dim)
+            tower = VisionDims(layers=int(vision.depth), hidden=width, intermediate=int(width * vision.mlp_ratio),
+                               patch_dim=patch_dim, prefix=0)
+            out = int(vision.hidden_size)
+        else:
+            width = int(vision.hidden_size)
+            window_side = vision.window_size // vision.patch_size  # patches per window side
+            tower = VisionDims(
+                layers=int(vision.depth), hidden=width, intermediate=int(vision.intermediate_size),
+                patch_dim=patch_dim, prefix=0, gated_mlp=True, window=window_side * window_side,
+                full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
+            )
+            out = int(vision.out_hidden_size)
+        projector = ProjectorDims(in_dim=width, hidden=width * merge, out_dim=out, group=merge)
+        return ModelDims(tower, projector, llm)
+
+    def tokens_per_image(self) -> int | None:
+        """None: the token count follows the image's size (native resolution)."""
+        return None
+
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        """Half the text, ``<|vision_start|>``, the image's placeholders, ``<|vision_end|>``, the rest; the
+        image's merged grid is the most nearly square one of ``visual_tokens`` tokens (default 576: 24 x 24
+        tokens, 48 x 48 patches)."""
+        count = self.synthetic_visual_tokens if visual_tokens is None else visual_tokens
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"visual_tokens={visual_tokens!r}; accepted: an int >= 1 or None")
+        rows = max(r for r in range(1, math.isqrt(count) + 1) if count % r == 0)
+        merge = int(self.vision().spatial_merge_size)
+        grid = (rows * merge, count // rows * merge)  # patches
+        generator = torch.Generator().manual_seed(seed)
+        config = self.model.config
+        special = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                   config.vision_end_token_id]
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 2, generator, avoid=special)
+        before = len(text) // 2
+        ids = (text[:before] + [config.vision_start_token_id] + [config.image_token_id] * count
+               + [config.vision_end_token_id] + text[before:])
+        types = [1 if i == config.image_token_id else 0 for i in ids]
+        vision = config.vision_config
+        values = 3 * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.randn(batch * grid[0] * grid[1], values, generator=generator)
+        input_ids = torch.tensor([ids] * batch, device=device)
+        return {
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": torch.tensor([types] * batch, dtype=torch.int, device=device),
+            "pixel_values": pixels.to(device=device, dtype=dtype),
+            "image_grid_thw": torch.tensor([[1, *grid]] * batch, device=device),
+        }
+
+    def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
+        """From the first image's ``image_grid_thw`` (the images of a sample alike); images only."""
+        if inputs.get("image_grid_thw") is None:
+            raise NotImplementedError(f"visual counts for {self.family} are implemented for images "
+                                      "(image_grid_thw), not for video-only inputs")
+        patches = int(inputs["image_grid_thw"][0].prod())
+        tokens = patches // int(self.vision().spatial_merge_size) ** 2
+        images = int((inputs["input_ids"][0] == self.image_token_id()).sum()) // tokens
+        return VisualCounts(images=images, patches=patches, tokens=tokens)
+
+    def run_vision(self, inputs: dict[str, Any]) -> Any:
+        """The tower and merger on the images and the clips: their features, images first."""
+        features: list[Tensor] = []
+        with torch.no_grad():
+            for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                               ("video", "pixel_values_videos", "video_grid_thw")):
+                if inputs.get(pixels_key) is not None:
+                    get = getattr(self.model.model, f"get_{kind}_features")
+                    features += list(get(inputs[pixels_key], inputs[grid_key]).pooler_output)
+        return features
+
+    def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """Each image's merged (h/2, w/2) grid; a clip is one unit with no single grid unless it has one
+        frame, or, with ``video_budget='frame'``, one unit per frame on that grid."""
+        merge = int(self.vision().spatial_merge_size)
+        grids: list[tuple[int, int] | None] = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            if inputs.get(key) is None:
+                continue
+            for t, h, w in inputs[key].tolist():
+                grid = (h // merge, w // merge)
+                if key == "video_grid_thw" and self.settings["video_budget"] == "frame" and t > 1:
+                    grids += [grid] * t
+                else:
+                    grids.append(grid if t == 1 else None)
+        return grids
+
+    def overlay_view(self, image: Any, processor: Any) -> Any:
+        """The whole image: the processor resizes it whole to whole merged patches (no crop)."""
+        return image
 
 
 def _capture_call(store: dict[str, Any]):

@@ -10,19 +10,29 @@ import pytest
 import torch
 
 import vtoken
-from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava
+from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava, tiny_llava_next, tiny_qwen
 from vtoken import flops
 from vtoken.eval import bench
 from vtoken.eval.archs import arch_config
+from vtoken.integrations.base import Integration
 
 
 def one_prompt():
     return llava_batch([prompt_ids([20, 21], 1, [30, 31, 32])])
 
 
+def arch_dims(name: str, depth_scale: float) -> flops.ModelDims:
+    """A bench architecture's dimensions, from its model built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(arch_config(name, depth_scale))
+    return flops.dims_from_model(model)
+
+
 # --- FLOPs ----------------------------------------------------------------------------------------
 def test_flops_match_a_hand_count_for_the_tiny_config():
-    dims = flops.dims_from_config(tiny_llava().config)
+    dims = flops.dims_from_model(tiny_llava())
     text, patches = 7, TOKENS_PER_IMAGE  # 144 patches, +1 [CLS] in the tower
     split = flops.prefill_flops(dims, patches=patches, images=1, text_tokens=text,
                                 layer_visual_tokens=[patches] * 4)
@@ -37,7 +47,7 @@ def test_flops_match_a_hand_count_for_the_tiny_config():
 
 def test_llm_site_pruning_lowers_llm_flops_by_the_shorter_deep_layers():
     model = tiny_llava()
-    dims = flops.dims_from_config(model.config)
+    dims = flops.dims_from_model(model)
     with vtoken.wrapped(model, "dart", keep=64, site="llm(2)"), torch.no_grad():
         model(**one_prompt())
         per_layer = list(model.vtoken.stats.llm_layer_tokens)
@@ -54,7 +64,7 @@ def test_llm_site_pruning_lowers_llm_flops_by_the_shorter_deep_layers():
 
 def test_kv_cache_bytes_formula_matches_the_cache():
     model = tiny_llava()
-    dims = flops.dims_from_config(model.config)
+    dims = flops.dims_from_model(model)
     with vtoken.wrapped(model, "dart", keep=40, site="llm(2)"), torch.no_grad():
         out = model(**one_prompt(), use_cache=True, logits_to_keep=1)
         per_layer = model.vtoken.stats.llm_layer_tokens
@@ -68,7 +78,7 @@ def test_scaled_bench_architecture_keeps_widths_and_the_vision_share():
     assert (config.text_config.num_attention_heads, config.vision_config.num_attention_heads) == (32, 16)
     shares = []
     for scale in (1.0, 1 / 8):
-        dims = flops.dims_from_config(arch_config("llava-1.5-7b", scale))
+        dims = arch_dims("llava-1.5-7b", scale)
         split = flops.prefill_flops(dims, patches=576, images=1, text_tokens=48,
                                     layer_visual_tokens=[576] * dims.llm.layers)
         shares.append(split["vision"] / split["total"])
@@ -76,6 +86,46 @@ def test_scaled_bench_architecture_keeps_widths_and_the_vision_share():
     qwen = arch_config("qwen2.5-vl-7b", depth_scale=1 / 8)
     assert (qwen.vision_config.depth, qwen.text_config.num_hidden_layers) == (4, 4)
     assert (qwen.text_config.hidden_size, qwen.text_config.num_key_value_heads) == (3584, 4)
+
+
+# --- what the bench asks a family -------------------------------------------------------------------
+def test_integrations_give_inputs_counts_grids_and_the_vision_part():
+    qwen = Integration.for_model(tiny_qwen("2.5"))
+    inputs = qwen.synthetic_inputs(10, 2, 0, "cpu", torch.float32, visual_tokens=12)
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 8]] * 2 and inputs["input_ids"].shape == (2, 10 + 12)
+    assert qwen.visual_counts(inputs) == flops.VisualCounts(images=1, patches=48, tokens=12)
+    assert qwen.unit_grids(inputs) == [(3, 4), (3, 4)] and qwen.tokens_per_image() is None
+    assert [f.shape[0] for f in qwen.run_vision(inputs)] == [12, 12]
+    default = qwen.synthetic_inputs(10, 1, 0, "cpu", torch.float32)
+    assert default["image_grid_thw"].tolist() == [[1, 48, 48]]  # 576 tokens, as LLaVA-1.5's image gives
+
+    llava = Integration.for_model(tiny_llava())
+    inputs = llava.synthetic_inputs(8, 1, 0, "cpu", torch.float32)
+    assert llava.visual_counts(inputs) == flops.VisualCounts(images=1, patches=144, tokens=144)
+    assert llava.unit_grids(inputs) == [(12, 12)] and llava.tokens_per_image() == 144
+    with pytest.raises(ValueError, match="give 144 visual tokens"):
+        llava.synthetic_inputs(8, 1, 0, "cpu", torch.float32, visual_tokens=64)
+    assert [tuple(f.shape) for f in llava.run_vision(inputs)] == [(144, 64)]
+
+
+def test_a_family_without_bench_inputs_is_refused_before_any_timing():
+    model = tiny_llava_next()
+    family = Integration.for_model(model)
+    assert family.model_dims().vision.layers == model.config.vision_config.num_hidden_layers
+    assert family.tokens_per_image() is None
+    with pytest.raises(NotImplementedError, match="llava_next.*AnyRes"):
+        bench.run_bench(model, methods=["kcenter"], budgets=[8], runs=1, warmup=0, decode_tokens=0, out=None,
+                        progress=False)
+
+
+def test_bench_runs_a_qwen_model_through_its_integration():
+    result = bench.run_bench(tiny_qwen("2"), methods=["kcenter"], budgets=[64], runs=1, warmup=0, decode_tokens=1,
+                             text_tokens=8, out=None, progress=False)
+    assert result["model_type"] == "qwen2_vl" and result["visual_tokens_per_image"] == 576
+    assert result["text_tokens"] == 8
+    base, kcenter = result["rows"]
+    assert (base["visual_tokens"], kcenter["visual_tokens"]) == (576, 64)
+    assert kcenter["gflops_llm"] < base["gflops_llm"] and kcenter["gflops_vision"] == base["gflops_vision"]
 
 
 # --- the oracle -----------------------------------------------------------------------------------
@@ -106,9 +156,9 @@ def test_llm_site_oracle_replays_the_selection_exactly():
         expected = model(**batch, use_cache=True, logits_to_keep=1).logits
         state = model.vtoken
         kept = {site: list(value) for site, value in state.stats.kept.items()}
-        family = bench.family_for(model)
-        oracle = bench._llm_oracle(model, family, batch, captured, state.integration.last_call.parts["decoder"], kept,
-                                   [vtoken.Site("llm", 2)])
+        family = Integration.for_model(model)
+        oracle = bench.llm_oracle(family, batch, captured, state.integration.last_call.parts["decoder"], kept,
+                                  [vtoken.Site("llm", 2)])
         try:
             got = oracle["llm"]()
         finally:
@@ -163,7 +213,7 @@ def test_cli_refuses_an_architecture_without_random_init(capsys):
 
 
 def test_method_lists_split_outside_parentheses():
-    assert bench._split("dart@llm(2),pool, cls_attn+kcenter") == ["dart@llm(2)", "pool", "cls_attn+kcenter"]
+    assert bench.split_list("dart@llm(2),pool, cls_attn+kcenter") == ["dart@llm(2)", "pool", "cls_attn+kcenter"]
     spec = bench.MethodSpec.parse("dart@llm(2)")
     assert (spec.method, spec.options) == ("dart@llm(2)", {})
     assert [str(s.site) for s in vtoken.build_pipeline(spec.method, 8, {}).stages] == ["llm(2)"]

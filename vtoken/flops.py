@@ -12,8 +12,9 @@ a full-size model can be computed on any machine. Conventions:
 - after ``llm(K)`` pruning, decoder layer ``i`` sees ``text + layer_visual_tokens[i]`` positions, as
   ``model.vtoken.stats.llm_layer_tokens`` reports them.
 
-``dims_from_config`` reads the dimensions from a Hugging Face config (LLaVA-1.5, Qwen2-VL,
-Qwen2.5-VL); ``prefill_flops`` gives the split.
+``prefill_flops`` gives the split. A model's dimensions come from its family's integration
+(``Integration.model_dims``; ``dims_from_model(model)`` asks it), and so do the counts of a prefill's
+visual part (``Integration.visual_counts``): nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -162,8 +163,20 @@ def prefill_flops(dims: ModelDims, *, patches: int, images: int, text_tokens: in
     return split
 
 
-# --- from a Hugging Face config -------------------------------------------------------------------
+# --- what the integrations give -----------------------------------------------------------------
+@dataclass(frozen=True)
+class VisualCounts:
+    """The visual part of one sample's prefill: ``images`` images, each ``patches`` patches entering the
+    vision tower (prefix tokens such as [CLS] not counted) and ``tokens`` visual tokens in the language
+    model's input (its placeholders) when nothing is pruned."""
+
+    images: int
+    patches: int
+    tokens: int
+
+
 def llm_dims_from_config(text: Any) -> LLMDims:
+    """Dimensions of a Hugging Face decoder config (the Llama, Mistral and Qwen2 field names)."""
     heads = int(text.num_attention_heads)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return LLMDims(
@@ -173,39 +186,8 @@ def llm_dims_from_config(text: Any) -> LLMDims:
     )
 
 
-def dims_from_config(config: Any) -> ModelDims:
-    """Dimensions of a LLaVA-1.5 (``llava``), Qwen2-VL or Qwen2.5-VL config."""
-    model_type = getattr(config, "model_type", None)
-    text = config.text_config
-    llm = llm_dims_from_config(text)
-    vision = config.vision_config
-    if model_type == "llava":
-        layers = config.vision_feature_layer
-        concatenated = len(layers) if isinstance(layers, (list, tuple)) else 1
-        vdims = VisionDims(
-            layers=int(vision.num_hidden_layers), hidden=int(vision.hidden_size),
-            intermediate=int(vision.intermediate_size),
-            patch_dim=int(getattr(vision, "num_channels", 3)) * vision.patch_size ** 2, prefix=1,
-        )
-        projector = ProjectorDims(in_dim=vdims.hidden * concatenated, hidden=llm.hidden, out_dim=llm.hidden)
-        return ModelDims(vdims, projector, llm)
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        merge = int(vision.spatial_merge_size) ** 2
-        patch_dim = int(getattr(vision, "in_channels", 3)) * vision.temporal_patch_size * vision.patch_size ** 2
-        if model_type == "qwen2_vl":
-            width = int(vision.embed_dim)
-            vdims = VisionDims(layers=int(vision.depth), hidden=width, intermediate=int(width * vision.mlp_ratio),
-                               patch_dim=patch_dim, prefix=0)
-            out = int(vision.hidden_size)
-        else:
-            width = int(vision.hidden_size)
-            window_side = vision.window_size // vision.patch_size  # patches per window side
-            vdims = VisionDims(
-                layers=int(vision.depth), hidden=width, intermediate=int(vision.intermediate_size),
-                patch_dim=patch_dim, prefix=0, gated_mlp=True, window=window_side * window_side,
-                full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
-            )
-            out = int(vision.out_hidden_size)
-        projector = ProjectorDims(in_dim=width, hidden=width * merge, out_dim=out, group=merge)
-        return ModelDims(vdims, projector, llm)
-    raise ValueError(f"no FLOPs model for model type {model_type!r}; supported: llava, qwen2_vl, qwen2_5_vl")
+def dims_from_model(model: Any) -> ModelDims:
+    """The dimensions of a loaded model, wrapped or not, as its family's integration gives them."""
+    from vtoken.integrations.base import Integration  # imported when asked: this module stays pure math
+
+    return Integration.for_model(model).model_dims()

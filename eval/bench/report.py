@@ -1,0 +1,128 @@
+"""The bench's report: the CSV columns, ``results.json`` / ``results.csv``, the plots and the printed table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+CSV_COLUMNS = [
+    "method", "site", "keep", "visual_tokens", "visual_tokens_last", "llm_tokens", "runs",
+    "prefill_ms", "prefill_min_ms", "prefill_max_ms", "prefill_q1_ms", "prefill_q3_ms",
+    "oracle_ms", "oracle_min_ms", "oracle_max_ms", "oracle_vision_ms", "oracle_llm_ms", "oracle_kind",
+    "speedup", "oracle_speedup", "flops_speedup", "measured_over_oracle",
+    "scoring_ms", "select_ms", "overhead_pct", "stage_times",
+    "decode_tok_s", "generate_ms", "total_speedup",
+    "peak_mem_mb", "kv_cache_bytes",
+    "gflops_vision", "gflops_projector", "gflops_llm", "gflops_total",
+]
+
+
+def write_results(result: dict[str, Any], out: Path, plots: bool = True) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "results.json", out / "results.csv"]
+    files[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
+    with open(files[1], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"]:
+            writer.writerow(row)
+    if plots:
+        files += plot_results(result, out)
+    return [str(f) for f in files]
+
+
+def plot_results(result: dict[str, Any], out: Path) -> list[Path]:
+    """Latency and memory vs kept tokens (matplotlib, Agg backend, imported here only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    baseline = rows[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        mine = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["visual_tokens"])
+        x = [r["visual_tokens"] for r in mine]
+        y = [r["prefill_ms"] for r in mine]
+        err = [[r["prefill_ms"] - r["prefill_min_ms"] for r in mine],
+               [r["prefill_max_ms"] - r["prefill_ms"] for r in mine]]
+        line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+        if any(r["oracle_ms"] is not None for r in mine):
+            ax.plot(x, [r["oracle_ms"] for r in mine], linestyle="--", color=line[0].get_color(), alpha=0.6)
+    ax.axhline(baseline["prefill_ms"], color="black", linestyle=":",
+               label=f"no pruning ({baseline['visual_tokens']} tokens)")
+    ax.set_xlabel("visual tokens in the LLM (first layer, per sample)")
+    ax.set_ylabel("prefill ms (median, min-max)")
+    ax.set_title(f"{result['model']} on {result['device']}\n(dashed: zero-overhead oracle)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(_save_figure(fig, out / "latency_vs_tokens.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    twin = ax.twinx()
+    for method in methods:
+        mine = sorted((r for r in rows[1:] if r["method"] == method), key=lambda r: r["visual_tokens"])
+        x = [r["visual_tokens"] for r in mine]
+        line = ax.plot(x, [r["peak_mem_mb"] for r in mine], marker="o", label=f"{method} peak")
+        twin.plot(x, [(r["kv_cache_bytes"] or 0) / 2**20 for r in mine], marker="x", linestyle="--",
+                  color=line[0].get_color(), alpha=0.6)
+    ax.axhline(baseline["peak_mem_mb"], color="black", linestyle=":", label="no pruning peak")
+    twin.axhline((baseline["kv_cache_bytes"] or 0) / 2**20, color="grey", linestyle=":")
+    ax.set_xlabel("visual tokens in the LLM (first layer, per sample)")
+    ax.set_ylabel(f"peak memory MB ({result['memory_source']})", fontsize=8)
+    twin.set_ylabel("KV cache after prefill, MB (dashed)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(_save_figure(fig, out / "memory_vs_tokens.png"))
+    return paths
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_table(result: dict[str, Any]) -> str:
+    header = (f"{'method':<22} {'keep':>5} {'LLM vis':>9} {'prefill ms':>10} {'min-max':>15} {'oracle ms':>9} "
+              f"{'speedup':>7} {'oracle':>6} {'FLOPs':>6} {'meas/or':>7} {'sel %':>6} {'dec tok/s':>9} "
+              f"{'peak MB':>8} {'KV MB':>7} {'GFLOPs v/p/llm':>20}")
+    lines = [f"{result['model']} | {result['device']} | {result['dtype']} | threads {result['threads']} | "
+             f"{result['runs']} runs after {result['warmup']} warm-up | text tokens {result['text_tokens']}",
+             header, "-" * len(header)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['method']:<22} {_fmt(r['keep'], ''):>5} {_vis(r):>9} {r['prefill_ms']:>10.1f} "
+            f"{_span(r['prefill_min_ms'], r['prefill_max_ms']):>15} {_fmt(r['oracle_ms'], '.1f'):>9} "
+            f"{_fmt(r['speedup'], '.2f'):>7} {_fmt(r['oracle_speedup'], '.2f'):>6} "
+            f"{_fmt(r['flops_speedup'], '.2f'):>6} "
+            f"{_fmt(r['measured_over_oracle'], '.3f'):>7} {_fmt(r['overhead_pct'], '.2f'):>6} "
+            f"{_fmt(r['decode_tok_s'], '.2f'):>9} {_fmt(r['peak_mem_mb'], '.0f'):>8} "
+            f"{_fmt((r['kv_cache_bytes'] or 0) / 2**20, '.1f'):>7} "
+            f"{r['gflops_vision']:.3g}/{r['gflops_projector']:.3g}/{r['gflops_llm']:.3g}".rjust(20)
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _vis(row: dict[str, Any]) -> str:
+    """Visual tokens in the LLM: ``576`` or ``576>64`` (first layer > last layer, llm(K) pruning)."""
+    first, last = row["visual_tokens"], row.get("visual_tokens_last")
+    return str(first) if last in (None, first) else f"{first}>{last}"
+
+
+def _span(low: float | None, high: float | None) -> str:
+    return "-" if low is None else f"{low:.0f}-{high:.0f}"
+
