@@ -132,21 +132,22 @@ def demo_methods() -> list[str]:
     return vtoken.list_methods()
 
 
-def _vision_layers(model: Any) -> int | None:
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    for name in ("num_hidden_layers", "depth"):
-        if vision is not None and isinstance(getattr(vision, name, None), int):
-            return getattr(vision, name)
-    return None
+def family_of(model: Any) -> Any:
+    """The model's integration, asked what the demo needs to know of its family (site layers, patch
+    grids, the image region they cover); raises vtoken's ValueError for a model it does not support."""
+    from vtoken.integrations.base import Integration  # imported when asked, as vtoken.wrap imports it
+
+    return Integration.for_model(model)
 
 
 def _default_vision_layer(model: Any) -> int:
-    """A middle encoder layer before the one that produces the features the language model reads."""
-    count = _vision_layers(model) or 2
-    feature = getattr(model.config, "vision_feature_layer", -1)
-    feature = min(feature) if isinstance(feature, (list, tuple)) else feature
-    first_block = (feature if feature >= 0 else count + 1 + feature) - 1  # hidden state h comes out of block h-1
-    return max(0, min(count // 2, first_block - 1))
+    """A middle encoder layer among those where the model accepts a vision(L) site (for LLaVA: before the
+    block that produces the features the language model reads)."""
+    family = family_of(model)
+    count = family.site_layers().get("vision")
+    if not count:
+        return 0  # no vision layers: wrap's message then lists the sites the model has
+    return max(0, min(count // 2, family.layer_range("vision").stop - 1))
 
 
 def method_setup(model: Any, method: str, keep: int | float, site: str | None,
@@ -213,22 +214,26 @@ class Comparer:
         self.prompt_format: PromptFormat = prompt_format(processor, model, prompt_template)
         self.lock = model_lock(model)
         self._warm = False
+        self._family: Any = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokens_per_image(self) -> int | None:
-        grid = self.grid()
-        return None if grid is None else grid[0] * grid[1]
+    @property
+    def family(self) -> Any:
+        """The model's integration (``family_of``), found on first use."""
+        if self._family is None:
+            self._family = family_of(self.model)
+        return self._family
 
-    def grid(self) -> tuple[int, int] | None:
-        """The patch grid of a LLaVA-1.5-style model (fixed image size), else None."""
-        config = getattr(self.model.config, "vision_config", None)
-        if getattr(self.model.config, "model_type", "") != "llava" or config is None:
+    def tokens_per_image(self) -> int | None:
+        """Visual tokens every image gives, when the model's count does not depend on the image; None when
+        it does, or when vtoken does not support the model (its requests then say so)."""
+        try:
+            return self.family.tokens_per_image()
+        except (ValueError, NotImplementedError):
             return None
-        side = config.image_size // config.patch_size
-        return side, side
 
     def prompt(self, question: str) -> str:
         """The model's prompt for ``question`` about one image (before the processor expands the image)."""
@@ -301,7 +306,7 @@ class Comparer:
         overlay, legend, owner = None, "no overlay: this model has no single patch grid per image", None
         if grid is not None:
             owner = trace_tokens(sites, kept, merged, grid[0] * grid[1])
-            view = model_view(image, self.processor, grid, inputs)
+            view = model_view(image, self.processor, self.family)
             merging = any(str(s) in merged for s in sites)
             overlay = render_overlay(view, grid, owner, merging)
             legend = legend_text(owner, grid, merging, sites)
@@ -350,16 +355,16 @@ class Comparer:
                     output_tokens=int(new.numel()))
 
     def _token_grid(self, inputs: dict[str, Any], tokens_in: int | None) -> tuple[int, int] | None:
-        """(rows, columns) of this image's visual tokens when they form one grid in the prompt."""
-        grid = self.grid()
-        thw = inputs.get("image_grid_thw")
-        if grid is None and thw is not None and thw.shape[0] == 1:  # Qwen2-VL: patches merged m x m
-            merge = getattr(self.model.config.vision_config, "spatial_merge_size", 2)
-            _, h, w = (int(v) for v in thw[0])
-            grid = (h // merge, w // merge)
+        """(rows, columns) of this image's visual tokens when they form one grid in the prompt: the image
+        is one visual unit whose grid (``Integration.unit_grids``) holds every visual token."""
+        try:
+            grids = self.family.unit_grids(inputs)
+        except NotImplementedError:  # a family that does not say: no overlay
+            return None
+        grid = grids[0] if len(grids) == 1 else None
         if grid is None or tokens_in != grid[0] * grid[1]:
             return None
-        return grid
+        return tuple(grid)
 
 
 def _to_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

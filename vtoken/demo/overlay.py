@@ -46,32 +46,15 @@ def trace_tokens(sites: list[Site], kept: dict[str, list], merged: dict[str, lis
     return owner
 
 
-def model_view(image: Image.Image, processor: Any, grid: tuple[int, int], inputs: dict[str, Any]) -> Image.Image:
-    """The part of the image the model's patch grid covers: resized and centre-cropped as the processor
-    does for fixed-size encoders (CLIP), or resized whole for native-resolution ones (Qwen2-VL)."""
-    ip = getattr(processor, "image_processor", None)
-    if "image_grid_thw" in inputs:  # the whole image, resized to whole merged patches
+def model_view(image: Image.Image, processor: Any, family: Any) -> Image.Image:
+    """The part of the image the model's patch grid covers, as its processor prepares it (resized and
+    centre-cropped for fixed-size encoders such as CLIP, whole for native-resolution ones such as
+    Qwen2-VL's): the family's integration says (``Integration.overlay_view``); the whole image when it
+    does not."""
+    try:
+        return family.overlay_view(image, processor)
+    except NotImplementedError:
         return image
-    size, crop = getattr(ip, "size", None), getattr(ip, "crop_size", None)
-    shortest = _size_value(size, "shortest_edge")
-    if getattr(ip, "do_resize", True) and shortest:
-        scale = shortest / min(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.BICUBIC)
-    elif getattr(ip, "do_resize", True) and _size_value(size, "height") and _size_value(size, "width"):
-        image = image.resize((_size_value(size, "width"), _size_value(size, "height")), Image.BICUBIC)
-    ch, cw = _size_value(crop, "height"), _size_value(crop, "width")
-    if getattr(ip, "do_center_crop", False) and ch and cw:
-        left, top = (image.width - cw) // 2, (image.height - ch) // 2
-        image = image.crop((left, top, left + cw, top + ch))
-    return image
-
-
-def _size_value(size: Any, key: str) -> int | None:
-    if size is None:
-        return None
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return int(value) if value else None
 
 
 def group_colours(count: int) -> np.ndarray:
