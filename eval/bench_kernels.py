@@ -1,12 +1,15 @@
 """Time the scoring kernels on CUDA: Triton vs the torch reference vs the eager full attention map.
 
-    python -m vtoken.eval.bench_kernels [--dtype bf16|fp16|fp32] [--runs 50]
+    python -m vtoken.eval.bench_kernels [--dtype bf16|fp16|fp32] [--runs 50] [--require-gpu]
 
 Shapes are those of LLaVA-1.5-7B (ViT-L/14-336 tower, Vicuna-7B decoder) and Qwen2.5-VL-7B (448 px image:
 32 x 32 patches in the tower; 28 query / 4 key-value heads in the decoder). "eager map" is what an
 ``output_attentions`` eager model does: softmax(Q K^T) for all N query rows, then keep the rows needed.
+The k-center rows also time one 16,000-token input (a long video's worth of tokens), where an N x N
+float32 distance matrix would take 1 GB: both backends must stay far below that.
 Each cell is the median of the timed runs (torch.cuda.Event) after warm-up, and the peak memory one call
 adds on top of what was allocated before it (torch.cuda.max_memory_allocated).
+Without a CUDA device (or triton) nothing is timed: exit status 0, or 1 with ``--require-gpu``.
 """
 
 from __future__ import annotations
@@ -83,11 +86,14 @@ def bench(dtype: torch.dtype, runs: int) -> list[tuple]:
                       *measure(partial(reference.attention_rows, q, k, causal_limit=limit), runs),
                       *measure(partial(eager_map_rows, q_all, k, rows, causal), runs), f"{diff:.1e}"))
 
+    for n, dim in ((576, 4096), (16_000, 64)):
+        tokens = torch.randn(1, n, dim, device=dev, dtype=dtype)
+        same = torch.equal(kcenter_select_triton(tokens, 64), reference.kcenter_select(tokens, 64))
+        table.append((f"kcenter_select N={n} K=64 D={dim}",
+                      *measure(partial(kcenter_select_triton, tokens, 64), runs),
+                      *measure(partial(reference.kcenter_select, tokens, 64), runs), None, None,
+                      "same picks" if same else "picks differ"))
     x = torch.randn(1, 576, 4096, device=dev, dtype=dtype)
-    same = torch.equal(kcenter_select_triton(x, 64), reference.kcenter_select(x, 64))
-    table.append(("kcenter_select N=576 K=64 D=4096", *measure(lambda: kcenter_select_triton(x, 64), runs),
-                  *measure(lambda: reference.kcenter_select(x, 64), runs), None, None,
-                  "same picks" if same else "picks differ"))
     pivots = torch.randn(1, 8, 4096, device=dev, dtype=dtype)
     diff = (cosine_to_pivots_triton(x, pivots) - reference.cosine_to_pivots(x, pivots)).abs().max().item()
     table.append(("cosine_to_pivots N=576 P=8 D=4096",
@@ -96,19 +102,27 @@ def bench(dtype: torch.dtype, runs: int) -> list[tuple]:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vtoken.eval.bench_kernels",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per cell (at least 20)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="exit 1, not 0, when there is no CUDA device or no triton (for scripted GPU runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = 1 if args.require_gpu else 0
     if not torch.cuda.is_available():
         print("No CUDA device: the kernel benchmark needs a GPU. Nothing was timed.")
-        return 0
+        return missing
     try:
         import triton  # noqa: F401
     except ImportError:
         print("triton is not installed (pip install 'vtoken[kernels]'). Nothing was timed.")
-        return 0
+        return missing
     runs = max(20, args.runs)
     print(f"{torch.cuda.get_device_name()} | {args.dtype} | median of {runs} runs"
           f" | torch {torch.__version__}")
