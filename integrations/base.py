@@ -43,6 +43,8 @@ class Integration:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: integration options accepted by ``vtoken.wrap`` with their defaults
     options: ClassVar[dict[str, Any]] = {}
+    #: what the image stands for in a chat message's text (``{image}``: the processor's image token)
+    chat_content: ClassVar[str] = "{image}\n{question}"
     #: the signals each site kind provides (``vtoken.signals``); refine per model in ``provided_signals``
     site_signals: ClassVar[dict[str, frozenset[str]]] = {}
 
@@ -168,6 +170,11 @@ class Integration:
         from vtoken.api import find_integration
 
         return find_integration(model)(model, None, **options)
+
+    def plain_prompt(self) -> tuple[str, str] | None:
+        """The family's documented plain prompt, for the demo when the processor has no usable chat
+        template: (a name for messages, a template with ``{image}`` and ``{question}``); None: none."""
+        return None
 
     def _lacks(self, what: str) -> NotImplementedError:
         return NotImplementedError(f"the {self.name or type(self).__name__} integration ({self.family}) does "

@@ -50,6 +50,11 @@ class LlavaIntegration(HFVisionLanguage):
             return range(0, self._first_feature_block(self.model.config.vision_feature_layer))
         return super().layer_range(kind)
 
+    def plain_prompt(self) -> tuple[str, str] | None:
+        if self.family != "llava":  # LLaVA-NeXT's format depends on its language model
+            return None
+        return "LLaVA-1.5's plain format", "USER: {image}\n{question} ASSISTANT:"
+
     def layer_note(self, kind: str) -> str:
         if kind != "vision":
             return ""

@@ -65,9 +65,15 @@ class Qwen2VLIntegration(HFVisionLanguage):
             raise ValueError(f"video_budget={self.settings['video_budget']!r}; accepted: {', '.join(VIDEO_BUDGETS)}")
         super().install()
 
+    def plain_prompt(self) -> tuple[str, str] | None:
+        name = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}.get(self.family, self.family)
+        return (f"{name}'s plain format",
+                "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
 
+    chat_content: ClassVar[str] = "<|vision_start|>{image}<|vision_end|>{question}"
     site_signals: ClassVar[dict[str, frozenset[str]]] = {
         "vision": signals.VISION, "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
     }

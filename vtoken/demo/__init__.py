@@ -37,14 +37,14 @@ from .loading import (
 )
 from .overlay import legend_text, model_view, render_overlay, trace_tokens
 from .page import DEFAULT_HOST, DEFAULT_PORT, build_demo, launch
-from .prompts import FAMILY_PROMPTS, PromptError, PromptFormat, prompt_format
+from .prompts import PromptError, PromptFormat, prompt_format
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DEFAULT_QUESTION",
     "EMBEDDED_MODEL",
-    "FAMILY_PROMPTS",
+
     "Comparer",
     "PromptError",
     "PromptFormat",

@@ -10,7 +10,7 @@ must turn it into the model's image tokens. In order it tries
 3. the chat template with plain string content holding the image token, for templates that print the
    content as it is (the embedded scenes model's: ``USER: <image>\\n{question} ASSISTANT:``, the prompt
    ``vtoken eval`` trains and scores it with);
-4. the family's documented plain format (``FAMILY_PROMPTS``).
+4. the family's documented plain format (its integration's ``plain_prompt``).
 
 Where none works, ``PromptError`` says what each attempt gave and how to pass a template.
 """
@@ -23,20 +23,6 @@ from typing import Any
 
 #: a question used only to check a prompt format when the demo starts
 SAMPLE_QUESTION = "what color is the cube?"
-#: documented plain formats by ``config.model_type``; ``{image}`` is the processor's image token
-FAMILY_PROMPTS = {
-    "llava": ("LLaVA-1.5's plain format", "USER: {image}\n{question} ASSISTANT:"),
-    "qwen2_vl": ("Qwen2-VL's plain format",
-                 "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"),
-    "qwen2_5_vl": ("Qwen2.5-VL's plain format",
-                   "<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"),
-}
-#: what the image stands for inside plain string content given to a chat template
-STRING_CONTENT = {
-    "qwen2_vl": "<|vision_start|>{image}<|vision_end|>{question}",
-    "qwen2_5_vl": "<|vision_start|>{image}<|vision_end|>{question}",
-}
-DEFAULT_STRING_CONTENT = "{image}\n{question}"
 
 
 class PromptError(ValueError):
@@ -74,7 +60,17 @@ def _chat(processor: Any, content: Any) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
-def candidates(processor: Any, model_type: str, template: str | None) -> list[PromptFormat]:
+def _family(model: Any) -> Any:
+    """The model's integration (it knows the family's prompt formats), or None for an unsupported model."""
+    from vtoken.integrations.base import Integration
+
+    try:
+        return Integration.for_model(model)
+    except ValueError:
+        return None
+
+
+def candidates(processor: Any, family: Any, template: str | None) -> list[PromptFormat]:
     """The formats to try, in order (see the module's docstring)."""
     image = image_token_of(processor)
     if template is not None:
@@ -84,13 +80,14 @@ def candidates(processor: Any, model_type: str, template: str | None) -> list[Pr
         found.append(PromptFormat(
             "the processor's chat template (list content)",
             lambda q: _chat(processor, [{"type": "image"}, {"type": "text", "text": q}]), image))
-        content = STRING_CONTENT.get(model_type, DEFAULT_STRING_CONTENT)
+        content = family.chat_content if family is not None else "{image}\n{question}"
         found.append(PromptFormat(
             "the processor's chat template (string content)",
             lambda q: _chat(processor, content.format(image=image, question=q)), image))
-    if model_type in FAMILY_PROMPTS:
-        name, plain = FAMILY_PROMPTS[model_type]
-        found.append(PromptFormat(name, lambda q: plain.format(image=image, question=q), image))
+    plain = family.plain_prompt() if family is not None else None
+    if plain is not None:
+        name, text = plain
+        found.append(PromptFormat(name, lambda q: text.format(image=image, question=q), image))
     return found
 
 
@@ -124,10 +121,11 @@ def check(fmt: PromptFormat, processor: Any, image_token_id: int | None) -> str:
 def prompt_format(processor: Any, model: Any, template: str | None = None) -> PromptFormat:
     """The first usable format for this model and processor (checked; see the module's docstring)."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    family = _family(model)
     if template is not None and ("{question}" not in template or "{image}" not in template):
         raise PromptError(f"the prompt template must hold {{image}} and {{question}}; got {template!r}")
     tried = []
-    for fmt in candidates(processor, model_type, template):
+    for fmt in candidates(processor, family, template):
         try:
             check(fmt, processor, image_token_id_of(model))
         except PromptError as error:
@@ -136,9 +134,8 @@ def prompt_format(processor: Any, model: Any, template: str | None = None) -> Pr
         return fmt
     if template is None and not getattr(processor, "chat_template", None):
         tried.append("the processor has no chat template")
-    if template is None and model_type not in FAMILY_PROMPTS:
-        tried.append(f"vtoken knows no plain prompt format for model type {model_type!r} "
-                     f"(it knows {', '.join(sorted(FAMILY_PROMPTS))})")
+    if template is None and (family is None or family.plain_prompt() is None):
+        tried.append(f"vtoken knows no plain prompt format for model type {model_type!r}")
     raise PromptError(
         "cannot build a prompt that places the image for this model:\n  - " + "\n  - ".join(tried)
         + "\nPass one with {image} where the image goes and {question}, e.g. "
