@@ -9,14 +9,10 @@ from typing import Any
 
 import torch
 
-EMBEDDED_MODEL = "scenes-llava"
+from vtoken.eval.scenes_model import EMBEDDED_MODEL, embedded_model_path
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_QUESTION = "What is in the image?"
-
-
-def embedded_model_path() -> Path:
-    """Where the embedded scenes model lives inside the installed package (it may not be there)."""
-    return Path(str(resources.files("vtoken.assets"))) / EMBEDDED_MODEL
 
 
 def samples_path() -> Path:
