@@ -13,7 +13,8 @@ model gives an independent wrapped model. Pickling is refused with a message (ho
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from functools import partial
+from typing import Any, Callable, ClassVar
 
 from vtoken import calls, signals
 from vtoken.pipeline import Pipeline
@@ -35,6 +36,23 @@ class HookSet:
         for handle in reversed(self.handles):
             handle.remove()
         self.handles = []
+
+
+class SiteHooks:
+    """The hooks of one kind of site in one model. Every kind is built the same way: the wrap's pipeline,
+    its sites of this kind, the integration's call key (``vtoken.calls``), and how the integration ends
+    (and publishes the stats of) a call that the hooked part ran alone in; then the model part it hooks,
+    by keyword. ``remove`` takes every hook away."""
+
+    def __init__(self, pipeline: Pipeline, sites: list[Site], key: calls.CallKey,
+                 end_call: Callable[[calls.Call], None] | None = None) -> None:
+        self.pipeline, self.key = pipeline, key
+        self.end_call = end_call if end_call is not None else partial(calls.end, key)
+        self.sites = {site.layer: site for site in sites}
+        self.hooks = HookSet()
+
+    def remove(self) -> None:
+        self.hooks.remove_all()
 
 
 class Integration:

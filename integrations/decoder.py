@@ -48,7 +48,7 @@ from vtoken.sites import Site
 from vtoken.stats import Stats, clock
 from vtoken.tokens import TokenSet
 
-from .base import HookSet
+from .base import SiteHooks
 from .decoder_tensors import (
     cache_of,
     gather_decode_mask,
@@ -114,18 +114,15 @@ class _Step:
     current: tuple[Tensor, Tensor | None] | None = None
 
 
-class DecoderSites:
-    def __init__(self, pipeline: Pipeline, language_model: torch.nn.Module, sites: list[Site],
-                 key: calls.CallKey) -> None:
-        self.pipeline = pipeline
-        self.key = key
+class DecoderSites(SiteHooks):
+    def __init__(self, pipeline: Pipeline, sites: list[Site], key: calls.CallKey,
+                 end_call: Callable[[Call], None] | None = None, *, language_model: torch.nn.Module) -> None:
+        super().__init__(pipeline, sites, key, end_call)
         self.lm = language_model
         self.layers = language_model.layers
-        self.sites = {site.layer: site for site in sites}
         self.capture_layers = {site.layer - 1 for site in sites if self.pipeline.signals_at(site)}
         self.apply_rotary: Callable = module_rotary(self.layers[0].self_attn)
         first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
-        self.hooks = HookSet()
         self.hooks.add(language_model.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
         self.hooks.add(language_model.register_forward_hook(self._after_decoder, always_call=True))
         for index in range(first, len(self.layers)):
@@ -136,9 +133,6 @@ class DecoderSites:
             projection = getattr(self.layers[index].self_attn, "k_proj", None)
             if isinstance(projection, torch.nn.Module):
                 self.hooks.add(projection.register_forward_hook(partial(self._on_keys, index)))
-
-    def remove(self) -> None:
-        self.hooks.remove_all()
 
     def expect_prefill(self, call: Call, prefill: Any) -> None:
         """Called by the integration right before the decoder's prefill with images."""
@@ -203,7 +197,7 @@ class DecoderSites:
             step.state.keys.clear()
         own = call.parts.pop("decoder_owned", None)
         if own is not None:
-            calls.end(self.key, own)
+            self.end_call(own)
 
     def _on_layer(self, index: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = calls.current(self.key)

@@ -59,7 +59,7 @@ class HFVisionLanguage(Integration):
 
     def make_encoder_sites(self, sites: list[Site]) -> Any:
         """The hooks for ``vision(L)`` sites (a batched ViT by default)."""
-        return EncoderSites(self.pipeline, self.encoder_layout(), sites, self.key, self.end_call)
+        return EncoderSites(self.pipeline, sites, self.key, self.end_call, layout=self.encoder_layout())
 
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
@@ -112,7 +112,8 @@ class HFVisionLanguage(Integration):
         self.model.__dict__["generate"] = WrappedGenerate(self)
         llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
         if llm_sites:
-            self.decoder = DecoderSites(self.pipeline, self.language_model(), llm_sites, self.key)
+            self.decoder = DecoderSites(self.pipeline, llm_sites, self.key, self.end_call,
+                                        language_model=self.language_model())
         vision_sites = [site for site in self.pipeline.sites if site.kind == "vision"]
         if vision_sites:
             self.encoder_sites = self.make_encoder_sites(vision_sites)

@@ -90,7 +90,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
         if "cls_attn" in self.pipeline.signals_at(Site("projector")):
             raise ValueError(f"on {self.family}, cls_attn at the projector cannot follow vision(L) pruning; "
                              "run cls_attn at a vision(L) site instead")
-        return QwenVisionSites(self.pipeline, self.vision(), sites, self._vision_rotary(), self.key, self.end_call)
+        return QwenVisionSites(self.pipeline, sites, self.key, self.end_call, visual=self.vision(),
+                               apply_rotary=self._vision_rotary())
 
     def vision(self) -> torch.nn.Module:
         return self.model.model.visual

@@ -32,7 +32,7 @@ from vtoken.sites import Site
 from vtoken.stats import clock
 from vtoken.tokens import TokenSet
 
-from .base import HookSet
+from .base import SiteHooks
 from .grouping import run_in_groups
 
 QUERY_CHUNK = 256
@@ -75,16 +75,14 @@ class _State:
     captured: dict[str, Any] = field(default_factory=dict)
 
 
-class QwenVisionSites:
-    def __init__(self, pipeline: Pipeline, visual: torch.nn.Module, sites: list[Site], apply_rotary: Callable,
-                 key: calls.CallKey, end_call: Callable[[Call], None]) -> None:
-        """``key``: the integration's call key; ``end_call``: how it ends a call the tower ran alone in."""
-        self.pipeline, self.visual, self.key, self.end_call = pipeline, visual, key, end_call
-        self.apply_rotary = apply_rotary
+class QwenVisionSites(SiteHooks):
+    def __init__(self, pipeline: Pipeline, sites: list[Site], key: calls.CallKey,
+                 end_call: Callable[[Call], None] | None = None, *, visual: torch.nn.Module,
+                 apply_rotary: Callable) -> None:
+        super().__init__(pipeline, sites, key, end_call)
+        self.visual, self.apply_rotary = visual, apply_rotary
         self.unit = visual.spatial_merge_size ** 2
-        self.sites = {site.layer: site for site in sites}
         blocks = visual.blocks
-        self.hooks = HookSet()
         self.hooks.add(visual.register_forward_pre_hook(self._start, with_kwargs=True))
         self.hooks.add(visual.register_forward_hook(self._finish, always_call=True))
         for layer, site in self.sites.items():
@@ -97,9 +95,6 @@ class QwenVisionSites:
             self.hooks.add(blocks[layer].register_forward_hook(partial(self._prune, site)))
         for layer in range(min(self.sites) + 1, len(blocks)):
             self.hooks.add(blocks[layer].register_forward_pre_hook(self._shrunk_kwargs, with_kwargs=True))
-
-    def remove(self) -> None:
-        self.hooks.remove_all()
 
     def _state(self) -> _State | None:
         call = calls.current(self.key)

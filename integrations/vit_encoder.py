@@ -90,8 +90,8 @@ class VisionEncoderIntegration(Integration):
                 self.hooks.add(handle)
             first = self.blocks()[0]
             self.hooks.add(first.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
-            self.encoder_sites = EncoderSites(self.pipeline, self.layout, self.pipeline.sites, self.key,
-                                              self.end_call)
+            self.encoder_sites = EncoderSites(self.pipeline, self.pipeline.sites, self.key, self.end_call,
+                                              layout=self.layout)
         except BaseException:
             self.remove()  # a failed wrap leaves no trace
             raise

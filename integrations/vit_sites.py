@@ -30,7 +30,7 @@ from vtoken.sites import Site
 from vtoken.stats import clock
 from vtoken.tokens import TokenSet
 
-from .base import HookSet
+from .base import SiteHooks
 
 
 @dataclass
@@ -55,18 +55,15 @@ class EncoderCall:
     captured: dict[str, Tensor] = field(default_factory=dict)
 
 
-class EncoderSites:
+class EncoderSites(SiteHooks):
     """The hooks of the ``vision(L)`` sites of one encoder. A model's own call (a VLM's forward or
     generate) carries the state; a standalone encoder's pass is a call of its own, from its first
     block (or an earlier ``start_call``) to its last block."""
 
-    def __init__(self, pipeline: Pipeline, layout: EncoderLayout, sites: list[Site], key: calls.CallKey,
-                 end_call: Callable[[Call], None]) -> None:
-        """``key``: the integration's call key; ``end_call``: how the integration ends (and publishes) a
-        standalone encoder's call."""
-        self.pipeline, self.layout, self.key, self.end_call = pipeline, layout, key, end_call
-        self.sites = {site.layer: site for site in sites}
-        self.hooks = HookSet()
+    def __init__(self, pipeline: Pipeline, sites: list[Site], key: calls.CallKey,
+                 end_call: Callable[[Call], None] | None = None, *, layout: EncoderLayout) -> None:
+        super().__init__(pipeline, sites, key, end_call)
+        self.layout = layout
         self.hooks.add(layout.blocks[0].register_forward_pre_hook(self._reset))
         self.hooks.add(layout.blocks[-1].register_forward_hook(self._finish, always_call=True))
         try:
@@ -89,9 +86,6 @@ class EncoderSites:
                     raise ValueError(f"repshift at {site}: this encoder's blocks have no separable MLP")
                 self.hooks.add(layout.mlp(block).register_forward_hook(self._capture_mlp))
             self.hooks.add(block.register_forward_hook(partial(self._prune, site)))
-
-    def remove(self) -> None:
-        self.hooks.remove_all()
 
     # --- per-call state --------------------------------------------------------------------------
     def start_call(self, grid: tuple[int, int] | None = None) -> Call:

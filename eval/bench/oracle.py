@@ -59,7 +59,7 @@ def llm_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any], c
         per_unit = rows.shape[1] // max(int(units.max()), 1)
         fixed.append(FixedKeep(keep=per_unit, site=str(site), indices=rows))
     model, lm = family.model, family.language_model()
-    sites = DecoderSites(vtoken.Pipeline(fixed), lm, llm_sites, key=CallKey())
+    sites = DecoderSites(vtoken.Pipeline(fixed), llm_sites, CallKey(), language_model=lm)
 
     def vision() -> Any:
         return family.run_vision(inputs)
