@@ -18,7 +18,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiny_models import BOS, IMAGE_TOKEN, PAD, Q_END, Q_IMAGE, Q_PATCH, Q_START, tiny_llava_next, tiny_qwen
+from tiny_models import (
+    BOS,
+    IMAGE_TOKEN,
+    PAD,
+    Q_END,
+    Q_IMAGE,
+    Q_PATCH,
+    Q_START,
+    tiny_llava_next,
+    tiny_qwen,
+    tiny_qwen3_vl,
+)
 
 ATTENTION = ("eager", "sdpa")
 SIDES = ("left", "right")
@@ -295,6 +306,12 @@ CASES: list[Case] = [
     Case("qwen2_5_vl", "qwen2_vl", "qwen2_5_vl", True, functools.partial(tiny_qwen, "2.5"), QWEN_ROWS, qwen_inputs,
          [projector(3), llm("dart", 3), llm("fastv", 3)], lm_head,
          notes="no vision(L) site: the tower un-permutes its windows with full-size indices"),
+    Case("qwen3_vl", "qwen3_vl", "qwen3_vl", True, functools.partial(tiny_qwen3_vl, False), QWEN_ROWS, qwen_inputs,
+         [projector(3), llm("dart", 3), llm("fastv", 3)], lm_head,
+         notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
+    Case("qwen3_vl_moe", "qwen3_vl", "qwen3_vl_moe", True, functools.partial(tiny_qwen3_vl, True), QWEN_ROWS,
+         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3)], lm_head,
+         notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("timm_vit", "timm_vit", "timm.VisionTransformer", False, contract_timm, VIT_ROWS, vit_inputs,
          [vision_cls_attn(4), vision_pixel_shuffle()], lambda m: m.blocks[-1].mlp.fc2.weight, run=timm_run,
          sides=("none",)),

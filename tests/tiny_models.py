@@ -200,3 +200,89 @@ def llava_batch_ids(prompts: list[list[int]]) -> dict:
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# --- Qwen3-VL / Qwen3-VL-MoE -------------------------------------------------------------------------
+Q3_TIME = 9  # stands for the timestamp text Qwen3-VL writes before each video frame
+Q3_DEEPSTACK = (0, 1)  # vision blocks whose outputs DeepStack adds to decoder layers 0 and 1
+
+
+def tiny_qwen3_vl(moe: bool = False, attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 4):
+    """A Qwen3-VL (``moe=False``) or Qwen3-VL-MoE shaped model: 2x2 merging, two DeepStack levels,
+    interleaved M-RoPE."""
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=4096, bos_token_id=BOS,
+        eos_token_id=2, pad_token_id=PAD,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True},
+    )
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=Q_PATCH,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=list(Q3_DEEPSTACK))
+    if moe:
+        from transformers import Qwen3VLMoeConfig as config_cls
+        from transformers import Qwen3VLMoeForConditionalGeneration as cls
+
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    else:
+        from transformers import Qwen3VLConfig as config_cls
+        from transformers import Qwen3VLForConditionalGeneration as cls
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=Q_IMAGE, video_token_id=Q_VIDEO,
+                        vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    config._attn_implementation = attn_implementation
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
+    model = cls(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def qwen3_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
+    """Qwen3-VL inputs: as ``qwen_batch``, but a ("video", t, h, w) item is written as Qwen3-VL's
+    processor writes it: each frame its own <vision_start> run <vision_end>, after a timestamp token."""
+    spread = []
+    for row in rows:
+        items = []
+        for item in row:
+            if not isinstance(item, int) and item[0] == "video":
+                items.append(("video", *item[1:]))
+            else:
+                items.append(item)
+        spread.append(items)
+    batch = qwen_batch(spread, side=side, seed=seed)
+    if "video_grid_thw" not in batch:
+        return batch
+    # rewrite each clip's one run of t * h * w / 4 placeholders as t runs of h * w / 4, one per frame
+    width_rows, type_rows = [], []
+    grids = iter(batch["video_grid_thw"].tolist())
+    for ids, types, mask in zip(batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"]):
+        ids, types = ids[mask.bool()].tolist(), types[mask.bool()].tolist()
+        out_ids, out_types, i = [], [], 0
+        while i < len(ids):
+            if ids[i] == Q_START and i + 1 < len(ids) and ids[i + 1] == Q_VIDEO:
+                t, h, w = next(grids)
+                per_frame = h * w // 4
+                for _ in range(t):
+                    out_ids += [Q3_TIME, Q_START] + [Q_VIDEO] * per_frame + [Q_END]
+                    out_types += [0, 0] + [2] * per_frame + [0]
+                i += 2 + t * per_frame
+                continue
+            out_ids.append(ids[i])
+            out_types.append(types[i])
+            i += 1
+        width_rows.append(out_ids)
+        type_rows.append(out_types)
+    width = max(len(r) for r in width_rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mm_types = torch.zeros_like(input_ids, dtype=torch.int)
+    mask = torch.zeros_like(input_ids)
+    for r, (ids, kinds) in enumerate(zip(width_rows, type_rows)):
+        span = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[r, span] = torch.tensor(ids)
+        mm_types[r, span] = torch.tensor(kinds, dtype=torch.int)
+        mask[r, span] = 1
+    batch.update(input_ids=input_ids, mm_token_type_ids=mm_types, attention_mask=mask)
+    return batch

@@ -1,0 +1,167 @@
+"""Qwen3-VL and Qwen3-VL-MoE (``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``).
+
+Map of the model (what differs from Qwen2-VL, whose integration this one extends):
+- ``model.model.visual``: the same unbatched ViT over every image and clip (full attention in every
+  block, no windows) with a learned position table resampled to each grid and a 2x2 PatchMerger. The
+  ``projector`` site is the merger's output, per image, on the merged grid.
+- DeepStack: the outputs of the blocks ``deepstack_visual_indexes`` go through mergers of their own,
+  giving one more feature per visual token for each level; the language model adds level ``i`` to the
+  hidden states at the visual positions after decoder layer ``i`` (``visual_pos_masks``,
+  ``deepstack_visual_embeds``, arguments of its forward that the outer model fills from the images).
+  vtoken's prefill hands the outer model ``inputs_embeds`` instead of images, so a forward pre-hook on
+  the language model gives it those two arguments itself: the visual positions of the shrunk sequence
+  and, for every level, the features of exactly the visual tokens the projector stages kept (the token
+  at the same placeholder slot; a merging stage's token carries its own slot's DeepStack features).
+- Positions: interleaved M-RoPE, computed with the model's own ``get_rope_index`` as for Qwen2-VL;
+  kept tokens keep their original (t, h, w) positions. A video is written frame by frame (a timestamp
+  and its own ``<|vision_start|>``...``<|vision_end|>`` run per frame); a clip is still one budget unit
+  (``video_budget='clip'``) or one per frame (``'frame'``).
+- ``llm(K)`` needs K >= the number of DeepStack levels: the language model adds level ``i`` after
+  layer ``i`` inside its own loop, through one full-length visual mask, so a sequence shortened at a
+  layer before the last level would get the remaining levels at the wrong positions.
+- ``cls_attn``: as Qwen2-VL's, recomputed from the vision block's own ``norm1``, ``qkv`` and 2-D rotary
+  table; the default block is the last one (every block attends over whole images).
+- No ``vision(L)`` site: the DeepStack mergers read full-length hidden states of intermediate blocks,
+  and the learned position table is resampled per full grid inside the tower's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from vtoken.flops import ModelDims, ProjectorDims, VisionDims, llm_dims_from_config
+from vtoken.registry import register_integration
+
+from .decoder_tensors import cache_of
+from .qwen2_vl import Qwen2VLIntegration
+
+#: a per-position input of the prepared prefill: each visual position's row in the DeepStack features
+DEEPSTACK_INDEX = "_vtoken_deepstack_index"
+
+
+@register_integration("qwen3_vl")
+class Qwen3VLIntegration(Qwen2VLIntegration):
+    model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl", "qwen3_vl_moe")
+    image_inputs: ClassVar[tuple[str, ...]] = (
+        "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
+    )
+
+    # --- sites -----------------------------------------------------------------------------------
+    def deepstack_levels(self) -> int:
+        return len(self.vision().deepstack_visual_indexes)
+
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        return ("projector", "llm")
+
+    def layer_range(self, kind: str) -> range:
+        if kind == "llm":
+            return range(max(1, self.deepstack_levels()), self.site_layers()["llm"])
+        return super().layer_range(kind)
+
+    def layer_note(self, kind: str) -> str:
+        if kind != "llm" or self.deepstack_levels() < 1:
+            return ""
+        return (f"the language model adds DeepStack level i after decoder layer i, for i < {self.deepstack_levels()}, "
+                "through one full-length visual mask inside its own forward: a sequence shortened before the last "
+                "level would receive the remaining levels at the wrong positions")
+
+    def check_pipeline(self) -> None:
+        for stage in self.pipeline.stages:
+            if stage.site.kind == "vision":
+                raise ValueError(
+                    f"{self.family} has no vision(L) site (stage {stage.name}): its DeepStack mergers read the "
+                    "full-length hidden states of intermediate vision blocks and its learned position table is "
+                    f"resampled to each full grid inside the tower's forward; accepted: {self.describe_sites()}"
+                )
+        super().check_pipeline()
+
+    def _install_hooks(self) -> None:
+        super()._install_hooks()
+        self.hooks.add(self.language_model().register_forward_pre_hook(self._deepstack_kwargs, with_kwargs=True))
+
+    def extra_sequence_inputs(self) -> tuple[str, ...]:
+        return ("mm_token_type_ids", DEEPSTACK_INDEX)
+
+    # --- DeepStack -------------------------------------------------------------------------------
+    def _visual_features(self, kind: str, pixels: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list | None]:
+        output = getattr(self.model.model, f"get_{kind}_features")(pixels, grid_thw, return_dict=True)
+        call = self.current_call()
+        if call is not None:
+            call.parts[f"deepstack_{kind}"] = [torch.cat(level) for level in output.deepstack_features]
+        return list(output.pooler_output), None
+
+    def prepare(self, inputs: dict[str, Any], for_generate: bool, call: Any) -> dict[str, Any]:
+        """The prepared prefill, plus what the language model's DeepStack step needs for it: the visual
+        positions of the shrunk sequence and each level's features at the tokens kept there."""
+        inputs = dict(inputs)  # the caller's dict stays as it was
+        ids = inputs.get("input_ids")
+        if ids is None:
+            return super().prepare(inputs, for_generate, call)
+        config = self.model.config
+        is_image, is_video = ids == config.image_token_id, ids == config.video_token_id
+        visual = is_image | is_video
+        index = torch.full_like(ids, -1)
+        index[visual] = torch.arange(int(visual.sum()), device=ids.device)
+        inputs[DEEPSTACK_INDEX] = index
+        out = super().prepare(inputs, for_generate, call)
+        kept_index = out.pop(DEEPSTACK_INDEX)
+        images, videos = call.parts.pop("deepstack_image", None), call.parts.pop("deepstack_video", None)
+        levels = []
+        for level in range(self.deepstack_levels()):
+            # in the unwrapped model's order: every visual position of the batch, row-major
+            some = images[level] if images is not None else videos[level]
+            joint = some.new_zeros(int(visual.sum()), some.shape[-1])
+            if images is not None:
+                joint[is_image[visual]] = images[level]
+            if videos is not None:
+                joint[is_video[visual]] = videos[level]
+            levels.append(joint)
+        present = kept_index >= 0
+        if out.get("attention_mask") is not None:
+            present &= out["attention_mask"].bool()
+        call.parts["deepstack"] = (present, kept_index.clamp(min=0), levels)
+        return out
+
+    def _deepstack_kwargs(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The language model's DeepStack arguments for a prefill (or a no-cache pass over the prompt
+        and the tokens generated since): the kept visual positions and their features per level."""
+        call = self.current_call()
+        state = None if call is None else call.parts.get("deepstack")
+        embeds = kwargs.get("inputs_embeds")
+        if state is None or embeds is None:
+            return None
+        cache = cache_of(kwargs)
+        if cache is not None and cache.get_seq_length() > 0:  # a decode step: DeepStack ran in the prefill
+            return None
+        present, index, levels = state
+        rows = embeds.shape[0] // present.shape[0]  # beams / returned sequences per prompt
+        present, index = present.repeat_interleave(rows, 0), index.repeat_interleave(rows, 0)
+        extra = embeds.shape[1] - present.shape[1]
+        if extra < 0:
+            raise RuntimeError(f"the language model received {embeds.shape[1]} positions for a prefill prepared "
+                               f"with {present.shape[1]}")
+        if extra:
+            present = torch.nn.functional.pad(present, (0, extra), value=False)
+            index = torch.nn.functional.pad(index, (0, extra))
+        rows_index = index[present]
+        kwargs["visual_pos_masks"] = present
+        kwargs["deepstack_visual_embeds"] = [level[rows_index] for level in levels]
+        return args, kwargs
+
+    # --- what bench, FLOPs and the demo ask a family ---
+    def model_dims(self) -> ModelDims:
+        """The ViT over patches (no [CLS], full attention, GELU MLP), the PatchMerger and the decoder;
+        the DeepStack mergers (one per level, the size of the PatchMerger) count with the projector."""
+        config = self.model.config
+        vision = config.vision_config
+        merge = int(vision.spatial_merge_size) ** 2
+        width = int(vision.hidden_size)
+        patch_dim = int(getattr(vision, "in_channels", 3)) * vision.temporal_patch_size * vision.patch_size ** 2
+        tower = VisionDims(layers=int(vision.depth), hidden=width, intermediate=int(vision.intermediate_size),
+                           patch_dim=patch_dim, prefix=0)
+        projector = ProjectorDims(in_dim=width, hidden=width * merge * (1 + self.deepstack_levels()),
+                                  out_dim=int(vision.out_hidden_size), group=merge)
+        return ModelDims(tower, projector, llm_dims_from_config(config.text_config))
