@@ -96,6 +96,7 @@ class HFVisionLanguage(Integration):
         if self.settings["positions"] not in POSITION_MODES:
             raise ValueError(f"positions={self.settings['positions']!r}; accepted: {', '.join(POSITION_MODES)}")
         self.check_pipeline()
+        self._check_budget_fits()
         self.decoder, self.encoder_sites = None, None
         self._had_generate = "generate" in self.model.__dict__
         self._saved_generate = self.model.__dict__.get("generate")
@@ -130,6 +131,23 @@ class HFVisionLanguage(Integration):
         if self.encoder_sites is not None:
             self.encoder_sites.remove()
             self.encoder_sites = None
+
+    def _check_budget_fits(self) -> None:
+        """A budget above what every image gives (a fixed-size encoder) is refused now, not at the first
+        call. Only the first site is checked: what later sites see depends on what earlier ones kept."""
+        first = self.pipeline.sites[0]
+        if first.kind == "vision" or self.tokens_per_image() is None:
+            return
+        available = self.tokens_per_image()
+        stages = [stage for stage in self.pipeline.stages_at(first) if stage.budgeted]
+        if not stages:
+            return
+        keeps = [stage.keep for stage in stages] + [self.pipeline.site_keep(first)]
+        for keep in keeps:
+            if isinstance(keep, int) and not isinstance(keep, bool) and keep > available:
+                raise ValueError(f"keep={keep} tokens per image exceeds the {available} visual tokens every image "
+                                 f"gives this {self.family} model; use an int in [1, {available}] or a fraction "
+                                 "in (0, 1]")
 
     def site_layers(self) -> dict[str, int]:
         return {"llm": len(self.language_model().layers)}

@@ -29,7 +29,7 @@ def test_fraction_and_int_budgets():
 
 @pytest.mark.parametrize("keep,error", [
     (0, "must be >= 1"), (-3, "must be >= 1"), (0.0, r"must be in \(0, 1\]"), (1.5, r"must be in \(0, 1\]"),
-    (TOKENS_PER_IMAGE + 1, "exceeds the 144 visual tokens per image"),
+    (TOKENS_PER_IMAGE + 1, "exceeds the 144 visual tokens every image gives"),
 ])
 def test_bad_budgets_are_named(keep, error):
     model = tiny_llava()

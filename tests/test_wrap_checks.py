@@ -181,3 +181,14 @@ def test_a_manual_decode_loop_follows_the_llm_site_through_its_cache():
             out = model(input_ids=token, attention_mask=mask, position_ids=positions,
                         past_key_values=out.past_key_values, use_cache=True)
     assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+def test_a_budget_above_the_images_tokens_is_refused_at_wrap():
+    model = tiny_llava()
+    for spec in ("kcenter", "fastv", "dart@llm(2)"):
+        with pytest.raises(ValueError, match=f"keep={TOKENS_PER_IMAGE + 1} tokens per image exceeds the "
+                                             f"{TOKENS_PER_IMAGE} visual tokens every image gives this llava"):
+            vtoken.wrap(model, spec, keep=TOKENS_PER_IMAGE + 1)
+        assert not hasattr(model, "vtoken")
+    # after a merging vision(L) site the count is the merged one: only the first site is checked
+    vtoken.wrap(model, vtoken.Pipeline([vtoken.PixelShuffle(layer=0), vtoken.KCenter(keep=16)]))

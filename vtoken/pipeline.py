@@ -118,7 +118,7 @@ class Pipeline:
 
     def _site_budget(self, site: Site) -> int | float | None:
         budgeted_sites = [s for s in self.sites if any(st.budgeted for st in self.stages_at(s))]
-        if site == budgeted_sites[-1] and self.keep is not None:
+        if budgeted_sites and site == budgeted_sites[-1] and self.keep is not None:
             return self.keep
         return None
 
