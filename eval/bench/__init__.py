@@ -14,6 +14,10 @@ measured in the same run as its oracle:
   decoder pruned at layer K by a fixed stage that replays the selection the method made (no signals,
   no selection work). Timed runs of the method and of the oracle alternate, so both see the same
   machine load;
+- the unpruned model: its timed runs alternate with each method's too, and every ratio in the table
+  (speed-up, oracle speed-up, total speed-up, measured / oracle) is the median of per-pair ratios; a
+  configuration whose runs spread more than ``--max-spread`` (max/min) is flagged for a rerun, and the
+  machine (CPU or GPU, threads, torch and transformers versions) is printed and saved with the results;
 - scoring and selection time per stage (``model.vtoken.stats``), as a share of the prefill;
 - decode: tokens/s of ``generate()`` after the first token, and the whole ``generate()`` time;
 - peak memory (CUDA max allocated, or the process's peak RSS on CPU) and the KV-cache bytes after
@@ -26,7 +30,8 @@ a table and the command that reproduces the run are printed.
 
 Modules, one job each: ``cli`` (the command line), ``runner`` (a run from start to results), ``measure``
 (one configuration's row), ``oracle``, ``timing`` (prefill, timed runs, generate, KV-cache bytes),
-``system`` (memory, device name), ``report`` (files, plots, table). Nothing here knows a model family:
+``system`` (memory, device name, machine), ``report`` (files, plots, table), ``scaling`` (``--scaling``:
+the sweep over visual tokens per image and batch size, its files, plot and table). Nothing here knows a model family:
 the inputs, their visual counts, the FLOPs dimensions and the vision part come from the model's
 integration (``vtoken.integrations.base.Integration.for_model``).
 """
@@ -39,9 +44,11 @@ from .measure import Workload, measure_baseline, measure_method
 from .oracle import FixedKeep, llm_oracle, oracle_inputs, pre_llm_oracle, run_language_model
 from .report import CSV_COLUMNS, format_table, plot_results, write_results
 from .runner import DEFAULT_BUDGETS, DEFAULT_METHODS, embedded_model_path, run_bench, workload
-from .timing import cache_bytes
+from .scaling import SCALING_COLUMNS, format_scaling, run_scaling, scaling_defaults
+from .timing import cache_bytes, paired_ratio, spread
 
 __all__ = ["add_arguments", "run", "run_bench", "command_line", "split_list", "workload", "Workload",
            "measure_baseline", "measure_method", "oracle_inputs", "pre_llm_oracle", "llm_oracle",
            "run_language_model", "FixedKeep", "cache_bytes", "CSV_COLUMNS", "format_table", "write_results",
-           "plot_results", "embedded_model_path", "MethodSpec", "DEFAULT_METHODS", "DEFAULT_BUDGETS"]
+           "plot_results", "embedded_model_path", "MethodSpec", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "run_scaling",
+           "format_scaling", "scaling_defaults", "SCALING_COLUMNS", "paired_ratio", "spread"]

@@ -9,8 +9,9 @@ import shlex
 import sys
 
 from ..grid import parse_budget
-from .report import format_table
+from .report import MAX_SPREAD, format_table
 from .runner import DEFAULT_BUDGETS, DEFAULT_METHODS, DTYPES, archs, fraction_text, run_bench
+from .scaling import SCALING_ARCH, SCALING_KEEP, format_scaling, run_scaling, scaling_defaults
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,22 +24,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build this architecture with random weights (needs --random-init)")
     source.add_argument("--random-init", action="store_true",
                         help="confirm that --arch is built with random weights (speed-only numbers)")
-    source.add_argument("--depth-scale", default="1", type=_fraction,
+    source.add_argument("--depth-scale", default=None, type=_fraction,
                         help="with --arch: keep this fraction of the vision and LLM layers, widths exact "
-                             "(e.g. 1/8: LLaVA-1.5-7B -> 3 ViT-L + 4 Llama-7B layers)")
+                             "(e.g. 1/8: LLaVA-1.5-7B -> 3 ViT-L + 4 Llama-7B layers; default 1, with "
+                             "--scaling 1/28 on CPU and 1/4 on GPU)")
     grid = parser.add_argument_group("what to measure")
-    grid.add_argument("--methods", default=",".join(DEFAULT_METHODS), type=_method_list,
+    grid.add_argument("--methods", default=None, type=_method_list,
                       help="comma-separated methods; 'a+b' pipelines; 'method@site' sets the site, e.g. "
-                           "dart@llm(2) (default: %(default)s)")
-    grid.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)), type=_budget_list,
+                           f"dart@llm(2) (default: {','.join(DEFAULT_METHODS)}; with --scaling kcenter,"
+                           "dart@llm(2) on GPU, kcenter,dart on CPU)")
+    grid.add_argument("--budgets", default=None, type=_budget_list,
                       help="comma-separated visual tokens kept per image (int >= 1) or fractions in (0, 1] "
-                           "(default: %(default)s)")
-    grid.add_argument("--runs", type=int_at_least(1), default=5,
-                      help="timed prefill runs per configuration (>= 5 recommended)")
-    grid.add_argument("--warmup", type=int_at_least(0), default=1,
-                      help="untimed runs before timing each configuration")
-    grid.add_argument("--decode-tokens", type=int_at_least(0), default=16,
-                      help="tokens generated after the first one, for decode tokens/s (0: skip decode)")
+                           f"(default: {','.join(map(str, DEFAULT_BUDGETS))}; with --scaling {SCALING_KEEP})")
+    grid.add_argument("--runs", type=int_at_least(1), default=None,
+                      help="timed prefill runs per configuration, each next to one of the unpruned model "
+                           "(default 5; with --scaling 5 on GPU, 3 on CPU)")
+    grid.add_argument("--warmup", type=int_at_least(0), default=None,
+                      help="untimed runs before timing each configuration (default 1; --scaling on CPU: 0)")
+    grid.add_argument("--generate-runs", type=int_at_least(1), default=None,
+                      help="generate() calls per configuration, each next to one of the unpruned model, "
+                           "for the total speed-up (default 3; --scaling on CPU: 1)")
+    grid.add_argument("--decode-tokens", type=int_at_least(0), default=None,
+                      help="tokens generated after the first one, for decode tokens/s (0: skip decode; "
+                           "default 16; --scaling on CPU: 4)")
+    grid.add_argument("--max-spread", type=_factor, default=MAX_SPREAD,
+                      help="flag a configuration whose timed runs (the method's or its paired baseline's) "
+                           "are more than this factor apart, max/min (default: %(default)s)")
+    scaling = parser.add_argument_group("scaling (--scaling)")
+    scaling.add_argument("--scaling", action="store_true",
+                         help="sweep the visual tokens per image and the batch size instead of the budgets "
+                              f"(default model: --arch {SCALING_ARCH} with random weights)")
+    scaling.add_argument("--scaling-tokens", default=None, type=_int_list,
+                         help="visual tokens per image, comma-separated (default: 576,2880,5000,16000 on GPU, "
+                              "64,144,576 on CPU)")
+    scaling.add_argument("--scaling-batches", default=None, type=_int_list,
+                         help="batch sizes, comma-separated (default: 1,4,16 on GPU, 1,4 on CPU)")
     grid.add_argument("--text-tokens", type=int_at_least(2), default=48,
                       help="text tokens of the synthetic prompt (besides the image placeholders)")
     grid.add_argument("--batch-size", type=int_at_least(1), default=1,
@@ -58,7 +78,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset with the defaults of the mode (bench, or --scaling on this device)."""
+    if args.scaling:
+        defaults = scaling_defaults(args.device)
+        if args.model is None and args.arch is None:
+            args.arch, args.random_init = SCALING_ARCH, True
+        preset = dict(methods=",".join(defaults["methods"]), budgets=str(SCALING_KEEP),
+                      depth_scale=defaults["depth_scale"] if args.arch else 1.0, runs=defaults["runs"],
+                      warmup=defaults["warmup"], generate_runs=defaults["generate_runs"],
+                      decode_tokens=defaults["decode_tokens"], scaling_tokens=",".join(map(str, defaults["tokens"])),
+                      scaling_batches=",".join(map(str, defaults["batches"])))
+    else:
+        preset = dict(methods=",".join(DEFAULT_METHODS), budgets=",".join(map(str, DEFAULT_BUDGETS)), depth_scale=1.0,
+                      runs=5, warmup=1, generate_runs=3, decode_tokens=16)
+    for name, value in preset.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
 def run(args: argparse.Namespace) -> int:
+    resolve_defaults(args)
+    if args.scaling:
+        return _run_scaling(args)
     try:
         result = run_bench(
             model=args.model, arch=args.arch, random_init=args.random_init, depth_scale=args.depth_scale,
@@ -66,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             runs=args.runs, warmup=args.warmup, decode_tokens=args.decode_tokens, text_tokens=args.text_tokens,
             batch_size=args.batch_size, seed=args.seed, device=args.device, dtype=args.dtype,
             threads=args.threads, attn_implementation=args.attn, out=args.out, plots=not args.no_plots,
-            progress=not args.quiet, command=command_line(args),
+            progress=not args.quiet, command=command_line(args), generate_runs=args.generate_runs,
+            max_spread=args.max_spread,
         )
     except (ValueError, NotImplementedError, OSError) as error:
         print(f"vtoken bench: {error}", file=sys.stderr)
@@ -75,6 +119,46 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {result['files']}" if result.get("files") else "")
     print(f"rerun with:\n  {result['command']}")
     return 0
+
+
+def _run_scaling(args: argparse.Namespace) -> int:
+    try:
+        result = run_scaling(
+            args.model, arch=args.arch, random_init=args.random_init, depth_scale=args.depth_scale,
+            methods=split_list(args.methods), keep=[parse_budget(b) for b in split_list(args.budgets)],
+            tokens=[int(t) for t in split_list(args.scaling_tokens)],
+            batches=[int(b) for b in split_list(args.scaling_batches)], runs=args.runs, warmup=args.warmup,
+            decode_tokens=args.decode_tokens, generate_runs=args.generate_runs, text_tokens=args.text_tokens,
+            seed=args.seed, device=args.device, dtype=args.dtype, threads=args.threads,
+            attn_implementation=args.attn, out=args.out, plots=not args.no_plots, progress=not args.quiet,
+            command=command_line(args), max_spread=args.max_spread,
+        )
+    except (ValueError, NotImplementedError, OSError) as error:
+        print(f"vtoken bench: {error}", file=sys.stderr)
+        return 2
+    print(format_scaling(result))
+    print(f"\nwrote {result['files']}" if result.get("files") else "")
+    print(f"rerun with:\n  {result['command']}")
+    return 0
+
+
+def _int_list(text: str) -> str:
+    """``--scaling-tokens`` / ``--scaling-batches``: comma-separated ints >= 1; returns the text."""
+    values = split_list(text)
+    if not values or not all(v.isdigit() and int(v) >= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"bad list {text!r}; expected comma-separated ints >= 1, e.g. 576,2880")
+    return text
+
+
+def _factor(text: str) -> float:
+    """``--max-spread``: a factor > 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"bad factor {text!r}; expected a number > 1 such as 1.5")
+    return value
 
 
 def _method_list(text: str) -> str:
@@ -114,7 +198,7 @@ def _device_or_auto(text: str) -> str:
 
 def command_line(args: argparse.Namespace) -> str:
     """The full command, every option spelled out, that reproduces a run."""
-    parts = ["vtoken", "bench"]
+    parts = ["vtoken", "bench"] + (["--scaling"] if getattr(args, "scaling", False) else [])
     if args.arch:
         parts += ["--arch", args.arch]
         if args.random_init:
@@ -124,9 +208,14 @@ def command_line(args: argparse.Namespace) -> str:
     elif args.model:
         parts += ["--model", args.model]
     parts += ["--methods", args.methods, "--budgets", args.budgets, "--runs", str(args.runs),
-              "--warmup", str(args.warmup), "--decode-tokens", str(args.decode_tokens),
-              "--text-tokens", str(args.text_tokens), "--batch-size", str(args.batch_size),
-              "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
+              "--warmup", str(args.warmup), "--generate-runs", str(args.generate_runs),
+              "--decode-tokens", str(args.decode_tokens), "--text-tokens", str(args.text_tokens)]
+    if getattr(args, "scaling", False):
+        parts += ["--scaling-tokens", args.scaling_tokens, "--scaling-batches", args.scaling_batches]
+    else:
+        parts += ["--batch-size", str(args.batch_size)]
+    parts += ["--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype,
+              "--max-spread", f"{args.max_spread:g}"]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
     if args.attn != "sdpa":

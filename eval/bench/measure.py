@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from vtoken.flops import ModelDims, VisualCounts, prefill_flops
 
 from .oracle import LMInputs, llm_oracle, pre_llm_oracle
 from .report import CSV_COLUMNS
-from .timing import cache_bytes, generate_stats, output_cache, prefill, rounded, time_runs
+from .timing import cache_bytes, generate_stats, output_cache, paired_ratio, prefill, rounded, spread, time_runs
 
 
 @dataclass
@@ -41,13 +42,29 @@ class Workload:
 
 
 def relative_to(row: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Fill a method's speed-ups against the baseline's row."""
-    row["speedup"] = _ratio(baseline["prefill_ms"], row["prefill_ms"])
-    row["oracle_speedup"] = _ratio(baseline["prefill_ms"], row["oracle_ms"])
+    """Fill a method's FLOPs speed-up against the baseline's row. The timed ratios (``speedup``,
+    ``oracle_speedup``, ``total_speedup``, ``measured_over_oracle``) come from runs paired with the
+    baseline in ``measure_method``; only where a row lacks them (no pairs) the medians are divided."""
     row["flops_speedup"] = _ratio(baseline["gflops_total"], row["gflops_total"])
-    if row.get("measured_over_oracle") is None:
-        row["measured_over_oracle"] = _ratio(row["oracle_ms"], row["prefill_ms"])
-    row["total_speedup"] = _ratio(baseline["generate_ms"], row["generate_ms"])
+    for name, top, bottom in (("speedup", baseline["prefill_ms"], row["prefill_ms"]),
+                              ("oracle_speedup", baseline["prefill_ms"], row["oracle_ms"]),
+                              ("measured_over_oracle", row["oracle_ms"], row["prefill_ms"]),
+                              ("total_speedup", baseline["generate_ms"], row["generate_ms"])):
+        if row.get(name) is None:
+            row[name] = _ratio(top, bottom)
+
+
+@contextlib.contextmanager
+def unpruned(model: Any, spec: Any, keep: int | float) -> Iterator[Any]:
+    """The wrapped model as it was before ``wrap``, for the block (``vtoken.unwrap`` before and the same
+    ``vtoken.wrap`` after: about 0.01 ms each, outside any timed part)."""
+    import vtoken
+
+    vtoken.unwrap(model)
+    try:
+        yield model
+    finally:
+        vtoken.wrap(model, spec.method, keep=keep, **spec.options)
 
 
 def measure_baseline(work: Workload, runs: int, warmup: int, decode_tokens: int) -> dict[str, Any]:
@@ -69,13 +86,16 @@ def measure_baseline(work: Workload, runs: int, warmup: int, decode_tokens: int)
     row.update(_flops(work, [full_visual] * layers))
     row.update(kv_cache_bytes=kv)
     row.update(generate_stats(model, inputs, decode_tokens, work.device))
-    row.update(speedup=1.0, oracle_speedup=1.0, flops_speedup=1.0, measured_over_oracle=1.0, total_speedup=1.0)
+    row.update(speedup=1.0, oracle_speedup=1.0, flops_speedup=1.0, measured_over_oracle=1.0, total_speedup=1.0,
+               baseline_ms=row["prefill_ms"], spread=spread(times))
     return row
 
 
 def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warmup: int,
-                   decode_tokens: int) -> dict[str, Any]:
-    """The row of one method (a ``MethodSpec``) at one budget, wrapped for the measurement and unwrapped after."""
+                   decode_tokens: int, generate_runs: int = 1) -> dict[str, Any]:
+    """The row of one method (a ``MethodSpec``) at one budget, wrapped for the measurement and unwrapped after.
+    Its timed prefill runs alternate with the oracle's and the unpruned model's, and its ``generate_runs``
+    generate() calls with the unpruned model's: every timed ratio is the median of per-pair ratios."""
     import vtoken
 
     model, inputs = work.model, work.inputs
@@ -101,7 +121,7 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
 
         def measured() -> Any:
             result = prefill(model, inputs)
-            records = state.stats.records
+            records = model.vtoken.stats.records  # a new state after each baseline run (wrap again)
             selection.append((sum(r.scoring_ms for r in records), sum(r.select_ms for r in records)))
             return result
 
@@ -112,15 +132,16 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
             oracle_kind = "fixed selection at " + ",".join(map(str, llm_sites))
         else:
             oracle, oracle_kind = pre_llm_oracle(work.family, inputs, seen.kwargs), "shrunk LLM input"
-        jobs = {"prefill": measured}
+        jobs = {"prefill": measured, "baseline": lambda: prefill(model, inputs)}
         if oracle is not None:
             jobs.update(oracle_vision=oracle["vision"], oracle_llm=oracle["llm"])
-        try:
-            times = time_runs(jobs, runs, warmup, work.device, warmed=["prefill"])
+        try:  # the baseline runs on the unwrapped model (the llm(K) oracle's inert hooks stay on its decoder)
+            times = time_runs(jobs, runs, warmup, work.device, warmed=["prefill"],
+                              around={"baseline": lambda: unpruned(model, spec, keep)})
         finally:
             if oracle is not None and "remove" in oracle:
                 oracle["remove"]()
-        per_stage = _stage_times(state, records)
+        per_stage = _stage_times(model.vtoken, records)
         row = _row(work, spec.label, ",".join(map(str, sites)), keep, seen.kwargs, times["prefill"])
         row["oracle_kind"] = oracle_kind
         if oracle is not None:
@@ -130,8 +151,11 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
             row["oracle_llm_ms"] = rounded(statistics.median(times["oracle_llm"]))
             # each timed run of the method is next to one of the oracle: the median of the paired ratios
             # cancels the slow drift of a shared machine that the ratio of two medians would keep
-            paired = [o / m for o, m in zip(totals, times["prefill"])]
-            row["measured_over_oracle"] = rounded(statistics.median(paired), 4)
+            row["measured_over_oracle"] = paired_ratio(totals, times["prefill"])
+            row["oracle_speedup"] = paired_ratio(times["baseline"], totals)
+        row["speedup"] = paired_ratio(times["baseline"], times["prefill"])
+        row["baseline_ms"] = rounded(statistics.median(times["baseline"]))
+        row["spread"] = spread(times["prefill"], times["baseline"])
         timed = selection[-runs:]  # the timed runs, warm-up left out
         scoring = statistics.median(a for a, _ in timed)
         select = statistics.median(b for _, b in timed)
@@ -145,11 +169,29 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
         row["visual_tokens_last"] = per_layer[-1]
         row.update(_flops(work, per_layer, vision_site=has_vision_site, records=records))
         row["kv_cache_bytes"] = kv
-        row.update(generate_stats(model, inputs, decode_tokens, work.device))
+        row.update(paired_generate(work, spec, keep, decode_tokens, generate_runs))
         return row
     finally:
         if hasattr(model, "vtoken"):
             vtoken.unwrap(model)
+
+
+def paired_generate(work: Workload, spec: Any, keep: int | float, decode_tokens: int,
+                    pairs: int) -> dict[str, Any]:
+    """``pairs`` generate() calls of the wrapped model, each next to one of the unpruned model: the
+    method's decode tokens/s, generate tokens/s and peak memory (medians), and ``total_speedup``, the
+    median of the per-pair ratios of generate() times."""
+    model, mine, base = work.model, [], []
+    for _ in range(max(1, pairs)):
+        with unpruned(model, spec, keep):
+            base.append(generate_stats(model, work.inputs, decode_tokens, work.device))
+        mine.append(generate_stats(model, work.inputs, decode_tokens, work.device))
+    out = {}
+    for name in ("decode_tok_s", "generate_ms", "peak_mem_mb", "generate_tok_s"):
+        values = [m[name] for m in mine if m[name] is not None]
+        out[name] = rounded(statistics.median(values), 2) if values else None
+    out["total_speedup"] = paired_ratio([b["generate_ms"] for b in base], [m["generate_ms"] for m in mine])
+    return out
 
 
 def _row(work: Workload, label: str, site: str, keep: Any, lm_kwargs: dict[str, Any],

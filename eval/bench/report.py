@@ -11,10 +11,11 @@ from typing import Any
 CSV_COLUMNS = [
     "method", "site", "keep", "visual_tokens", "visual_tokens_last", "llm_tokens", "runs",
     "prefill_ms", "prefill_min_ms", "prefill_max_ms", "prefill_q1_ms", "prefill_q3_ms",
+    "baseline_ms", "spread",
     "oracle_ms", "oracle_min_ms", "oracle_max_ms", "oracle_vision_ms", "oracle_llm_ms", "oracle_kind",
     "speedup", "oracle_speedup", "flops_speedup", "measured_over_oracle",
     "scoring_ms", "select_ms", "overhead_pct", "stage_times",
-    "decode_tok_s", "generate_ms", "total_speedup",
+    "decode_tok_s", "generate_ms", "generate_tok_s", "total_speedup",
     "peak_mem_mb", "kv_cache_bytes",
     "gflops_vision", "gflops_projector", "gflops_llm", "gflops_total",
 ]
@@ -92,24 +93,57 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
+#: the default ``--max-spread``: a configuration whose timed runs (the method's or its paired
+#: baseline's) span more than this factor, max/min, is flagged for a rerun
+MAX_SPREAD = 1.5
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """What the numbers were measured on, in one line (``result["machine"]``)."""
+    m = result.get("machine") or {}
+    return (f"machine: {m.get('device', result.get('device'))} | threads {m.get('threads', result.get('threads'))} | "
+            f"torch {m.get('torch', result.get('torch'))} | transformers {m.get('transformers', '?')} | "
+            f"python {m.get('python', '?')}")
+
+
+def flagged(row: dict[str, Any], max_spread: float) -> bool:
+    """True when the row's timed runs spread more than ``max_spread`` (max/min)."""
+    return row.get("spread") is not None and row["spread"] > max_spread
+
+
+def spread_footer(rows: list[dict[str, Any]], max_spread: float, what: str = "configuration") -> list[str]:
+    bad = [r for r in rows if flagged(r, max_spread)]
+    if not bad:
+        return [f"all timed runs within {max_spread:g}x (max/min) of each other"]
+    return [f"! {len(bad)} {what}(s) with timed runs (the method's or its paired baseline's) more than "
+            f"{max_spread:g}x apart (max/min): the machine was busy; rerun (more --runs, a quieter machine) "
+            "before trusting their ratios"]
+
+
 def format_table(result: dict[str, Any]) -> str:
-    header = (f"{'method':<22} {'keep':>5} {'LLM vis':>9} {'prefill ms':>10} {'min-max':>15} {'oracle ms':>9} "
-              f"{'speedup':>7} {'oracle':>6} {'FLOPs':>6} {'meas/or':>7} {'sel %':>6} {'dec tok/s':>9} "
-              f"{'peak MB':>8} {'KV MB':>7} {'GFLOPs v/p/llm':>20}")
+    max_spread = result.get("max_spread", MAX_SPREAD)
+    header = (f"{'method':<23} {'keep':>5} {'LLM vis':>9} {'prefill ms':>10} {'min-max':>15} {'oracle ms':>9} "
+              f"{'speedup':>7} {'oracle':>6} {'FLOPs':>6} {'meas/or':>7} {'total':>6} {'spread':>6} {'sel %':>6} "
+              f"{'dec tok/s':>9} {'peak MB':>8} {'KV MB':>7} {'GFLOPs v/p/llm':>20}")
     lines = [f"{result['model']} | {result['device']} | {result['dtype']} | threads {result['threads']} | "
              f"{result['runs']} runs after {result['warmup']} warm-up | text tokens {result['text_tokens']}",
-             header, "-" * len(header)]
+             machine_line(result), header, "-" * len(header)]
     for r in result["rows"]:
+        label = r["method"] + (" !" if flagged(r, max_spread) else "")
         lines.append(
-            f"{r['method']:<22} {_fmt(r['keep'], ''):>5} {_vis(r):>9} {r['prefill_ms']:>10.1f} "
+            f"{label:<23} {_fmt(r['keep'], ''):>5} {_vis(r):>9} {r['prefill_ms']:>10.1f} "
             f"{_span(r['prefill_min_ms'], r['prefill_max_ms']):>15} {_fmt(r['oracle_ms'], '.1f'):>9} "
             f"{_fmt(r['speedup'], '.2f'):>7} {_fmt(r['oracle_speedup'], '.2f'):>6} "
             f"{_fmt(r['flops_speedup'], '.2f'):>6} "
-            f"{_fmt(r['measured_over_oracle'], '.3f'):>7} {_fmt(r['overhead_pct'], '.2f'):>6} "
+            f"{_fmt(r['measured_over_oracle'], '.3f'):>7} {_fmt(r.get('total_speedup'), '.2f'):>6} "
+            f"{_fmt(r.get('spread'), '.2f'):>6} {_fmt(r['overhead_pct'], '.2f'):>6} "
             f"{_fmt(r['decode_tok_s'], '.2f'):>9} {_fmt(r['peak_mem_mb'], '.0f'):>8} "
             f"{_fmt((r['kv_cache_bytes'] or 0) / 2**20, '.1f'):>7} "
             f"{r['gflops_vision']:.3g}/{r['gflops_projector']:.3g}/{r['gflops_llm']:.3g}".rjust(20)
         )
+    lines.append("speedup, oracle, total, meas/or: medians of per-pair ratios against runs taken in turn with "
+                 "the unpruned model (or the oracle)")
+    lines += spread_footer(result["rows"], max_spread)
     return "\n".join(lines)
 
 

@@ -14,8 +14,8 @@ import torch
 
 from ..grid import method_grid
 from .measure import Workload, measure_baseline, measure_method, relative_to
-from .report import write_results
-from .system import device_name, rss_source
+from .report import MAX_SPREAD, write_results
+from .system import device_name, machine_info, rss_source
 
 DEFAULT_METHODS = ("cls_attn", "kcenter", "dart", "pool", "random", "dart@llm(2)")
 DEFAULT_BUDGETS = (64, 128, 192)
@@ -29,23 +29,19 @@ def run_bench(
     warmup: int = 1, decode_tokens: int = 16, text_tokens: int = 48, batch_size: int = 1, seed: int = 0,
     device: str = "auto", dtype: str | torch.dtype = "auto", threads: int | None = None,
     attn_implementation: str = "sdpa", out: str | Path | None = None, plots: bool = True, progress: bool = True,
-    command: str | None = None,
+    command: str | None = None, generate_runs: int = 3, max_spread: float = MAX_SPREAD,
 ) -> dict[str, Any]:
     """Benchmark ``methods`` x ``budgets`` on a model; returns the results (and writes them to ``out``).
 
     model: a loaded model, a Hugging Face id or folder, or None for the embedded model; or ``arch``
     (with ``random_init=True``) for a random-weight architecture scaled by ``depth_scale``.
+    Each method's timed runs alternate with the unpruned model's (``generate_runs`` generate() pairs);
+    a configuration whose runs spread more than ``max_spread`` (max/min) is flagged.
     """
     import vtoken
 
-    if runs < 1 or warmup < 0 or decode_tokens < 0 or text_tokens < 2 or batch_size < 1:
-        raise ValueError("need runs >= 1, warmup >= 0, decode_tokens >= 0, text_tokens >= 2, batch_size >= 1")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
-    torch_dtype = resolve_dtype(dtype, device)
+    check_counts(runs, warmup, decode_tokens, text_tokens, batch_size, generate_runs, max_spread)
+    device, torch_dtype = setup_machine(device, dtype, threads)
     started = time.perf_counter()
     model, model_name = load_model(model, arch, random_init, depth_scale, torch_dtype, device, attn_implementation,
                                    seed)
@@ -62,7 +58,7 @@ def run_bench(
     bar.update(1)
     for spec, keep in grid:
         bar.set_postfix_str(f"{spec.label} keep={keep}")
-        row = measure_method(work, spec, keep, runs, warmup, decode_tokens)
+        row = measure_method(work, spec, keep, runs, warmup, decode_tokens, generate_runs)
         relative_to(row, baseline)
         rows.append(row)
         bar.update(1)
@@ -73,6 +69,7 @@ def run_bench(
         "model": model_name, "model_type": model.config.model_type, "random_init": bool(arch),
         "depth_scale": depth_scale if arch else 1.0, "device": device_name(device), "dtype": str(torch_dtype),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "attn_implementation": attn_implementation,
+        "machine": machine_info(device), "max_spread": max_spread, "generate_runs": generate_runs,
         "text_tokens": work.text_tokens, "visual_tokens_per_image": work.counts.tokens,
         "batch_size": batch_size, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
         "dims": work.dims.to_dict(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -85,14 +82,34 @@ def run_bench(
     return result
 
 
+def check_counts(runs: int, warmup: int, decode_tokens: int, text_tokens: int, batch_size: int,
+                 generate_runs: int, max_spread: float) -> None:
+    if runs < 1 or warmup < 0 or decode_tokens < 0 or text_tokens < 2 or batch_size < 1 or generate_runs < 1:
+        raise ValueError("need runs >= 1, warmup >= 0, decode_tokens >= 0, text_tokens >= 2, batch_size >= 1, "
+                         "generate_runs >= 1")
+    if not max_spread > 1:
+        raise ValueError(f"max_spread={max_spread}; expected a factor > 1 (e.g. 1.5)")
+
+
+def setup_machine(device: str, dtype: str | torch.dtype, threads: int | None) -> tuple[torch.device, torch.dtype]:
+    """Threads, denormals flushed, and the device and dtype ``auto`` stands for."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if device == "auto" else device))
+    return resolved, resolve_dtype(dtype, resolved)
+
+
 def workload(model: Any, text_tokens: int, batch_size: int, seed: int, device: torch.device,
-             dtype: torch.dtype) -> Workload:
-    """What the run measures on, from the model's integration: synthetic inputs, their visual counts and
-    the model's FLOPs dimensions (a family that lacks one of them refuses here, before any timing)."""
+             dtype: torch.dtype, visual_tokens: int | None = None) -> Workload:
+    """What the run measures on, from the model's integration: synthetic inputs (``visual_tokens`` per
+    image where the family can set it), their visual counts and the model's FLOPs dimensions (a family
+    that lacks one of them refuses here, before any timing)."""
     from vtoken.integrations.base import Integration
 
     family = Integration.for_model(model)
-    inputs = family.synthetic_inputs(text_tokens, batch_size, seed, device, dtype)
+    inputs = family.synthetic_inputs(text_tokens, batch_size, seed, device, dtype, visual_tokens=visual_tokens)
     return Workload(model=model, family=family, inputs=inputs, counts=family.visual_counts(inputs),
                     dims=family.model_dims(), device=device)
 

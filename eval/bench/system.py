@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import Any
 
 import torch
 
@@ -73,3 +74,17 @@ def device_name(device: torch.device) -> str:
         pass
     return f"CPU ({name})"
 
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """The machine a run measured on: device (CPU model or GPU name), threads, library versions."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "cpu": device_name(torch.device("cpu"))[len("CPU ("):-1], "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info

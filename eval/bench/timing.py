@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 from typing import Any, Callable, Sequence
 
 import torch
@@ -18,23 +20,43 @@ def prefill(model: Any, inputs: dict[str, Any]) -> Any:
 
 
 def time_runs(jobs: dict[str, Callable[[], Any]], runs: int, warmup: int, device: torch.device,
-               warmed: Sequence[str] = ()) -> dict[str, list[float]]:
-    """Milliseconds of each job, ``runs`` times after ``warmup``; the jobs alternate run by run.
-    ``warmed``: jobs that have just run once already (that run counts as their first warm-up)."""
+              warmed: Sequence[str] = (), around: dict[str, Callable[[], Any]] | None = None
+              ) -> dict[str, list[float]]:
+    """Milliseconds of each job, ``runs`` times after ``warmup``; the jobs alternate run by run, so the
+    i-th runs of all jobs see the same machine load (``paired_ratio`` divides them pair by pair).
+    ``warmed``: jobs that have just run once already (that run counts as their first warm-up).
+    ``around``: per job, a context-manager factory entered before and left after each of its runs,
+    outside the timed part (e.g. the unpruned model: unwrap before, wrap again after)."""
     from vtoken.stats import clock
 
+    around = around or {}
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for index in range(warmup + runs):
         for name, job in jobs.items():
             if index == 0 and warmup > 0 and name in warmed:
                 continue
-            start = clock(device)
-            result = job()
-            elapsed = clock(device) - start
-            del result
+            with around[name]() if name in around else contextlib.nullcontext():
+                start = clock(device)
+                result = job()
+                elapsed = clock(device) - start
+                del result
             if index >= warmup:
                 times[name].append(1000 * elapsed)
     return times
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float | None:
+    """The median of the per-pair ratios ``numerators[i] / denominators[i]`` (runs taken next to each
+    other): the slow drift of a shared machine cancels within each pair, which the ratio of two medians
+    would keep. None when there is no pair."""
+    pairs = [a / b for a, b in zip(numerators, denominators) if b]
+    return rounded(statistics.median(pairs), 4) if pairs else None
+
+
+def spread(*series: Sequence[float]) -> float | None:
+    """The largest max/min over the given timing series (1.0: every run alike); None when empty."""
+    ratios = [max(times) / min(times) for times in series if times and min(times) > 0]
+    return rounded(max(ratios), 3) if ratios else None
 
 
 def generate_stats(model: Any, inputs: dict[str, Any], decode_tokens: int, device: torch.device) -> dict[str, Any]:
@@ -62,7 +84,9 @@ def generate_stats(model: Any, inputs: dict[str, Any], decode_tokens: int, devic
     decode = None
     if decode_tokens and len(stamps) >= 2:
         decode = rounded((len(stamps) - 1) * inputs["input_ids"].shape[0] / (stamps[-1] - stamps[0]), 2)
-    return {"decode_tok_s": decode, "generate_ms": rounded(1000 * (end - start)), "peak_mem_mb": peak}
+    batch = inputs["input_ids"].shape[0]
+    return {"decode_tok_s": decode, "generate_ms": rounded(1000 * (end - start)), "peak_mem_mb": peak,
+            "generate_tok_s": rounded(batch * new / (end - start), 2)}
 
 
 def output_cache(output: Any) -> Any:
