@@ -51,7 +51,7 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
 
     # --- sites -----------------------------------------------------------------------------------
     def deepstack_levels(self) -> int:
-        return len(self.vision().deepstack_visual_indexes)
+        return len(getattr(self.vision(), "deepstack_visual_indexes", None) or ())
 
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector", "llm")
@@ -80,7 +80,8 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
 
     def _install_hooks(self) -> None:
         super()._install_hooks()
-        self.hooks.add(self.language_model().register_forward_pre_hook(self._deepstack_kwargs, with_kwargs=True))
+        if self.deepstack_levels():
+            self.hooks.add(self.language_model().register_forward_pre_hook(self._deepstack_kwargs, with_kwargs=True))
 
     def extra_sequence_inputs(self) -> tuple[str, ...]:
         return ("mm_token_type_ids", DEEPSTACK_INDEX)
@@ -90,7 +91,8 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         output = getattr(self.model.model, f"get_{kind}_features")(pixels, grid_thw, return_dict=True)
         call = self.current_call()
         if call is not None:
-            call.parts[f"deepstack_{kind}"] = [torch.cat(level) for level in output.deepstack_features]
+            levels = getattr(output, "deepstack_features", None) or []
+            call.parts[f"deepstack_{kind}"] = [torch.cat(level) for level in levels]
         return list(output.pooler_output), None
 
     def prepare(self, inputs: dict[str, Any], for_generate: bool, call: Any) -> dict[str, Any]:
@@ -98,8 +100,10 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         positions of the shrunk sequence and each level's features at the tokens kept there."""
         inputs = dict(inputs)  # the caller's dict stays as it was
         ids = inputs.get("input_ids")
-        if ids is None:
-            return super().prepare(inputs, for_generate, call)
+        if ids is None or not self.deepstack_levels():
+            out = super().prepare(inputs, for_generate, call)
+            out.pop(DEEPSTACK_INDEX, None)
+            return out
         config = self.model.config
         is_image, is_video = ids == config.image_token_id, ids == config.video_token_id
         visual = is_image | is_video
@@ -165,3 +169,33 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         projector = ProjectorDims(in_dim=width, hidden=width * merge * (1 + self.deepstack_levels()),
                                   out_dim=int(vision.out_hidden_size), group=merge)
         return ModelDims(tower, projector, llm_dims_from_config(config.text_config))
+
+
+@register_integration("qwen3_5")
+class Qwen3_5Integration(Qwen3VLIntegration):
+    """Qwen3.5 and Qwen3.5-MoE (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``).
+
+    The vision side is Qwen3-VL's without DeepStack (one merger); positions as Qwen3-VL's. The decoder
+    is hybrid: most layers are linear-attention (Gated DeltaNet: a causal convolution and a recurrent
+    state per layer, in the cache next to the full-attention layers' keys and values). Only the
+    ``projector`` site: pruning before the language model shortens the prompt for every layer alike.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ("qwen3_5", "qwen3_5_moe")
+
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        return ("projector",)
+
+    def check_pipeline(self) -> None:
+        for stage in self.pipeline.stages:
+            if stage.site.kind == "llm":
+                raise ValueError(
+                    f"{self.family} has no llm(K) site (stage {stage.name}): its hybrid decoder's linear-attention "
+                    "layers carry a convolution and a recurrent state, not a key/value cache; vtoken's llm(K) "
+                    "shortens the sequence through the attention layers' masks and rotary tables and has no "
+                    "verified way to give those states only the kept tokens; accepted: projector"
+                )
+        super().check_pipeline()
+
+    def model_dims(self) -> ModelDims:
+        raise self._lacks("model dimensions for FLOPs (its linear-attention decoder layers are not modelled)")

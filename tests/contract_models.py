@@ -28,6 +28,7 @@ from tiny_models import (
     Q_START,
     tiny_llava_next,
     tiny_qwen,
+    tiny_qwen3_5,
     tiny_qwen3_vl,
 )
 
@@ -312,6 +313,10 @@ CASES: list[Case] = [
     Case("qwen3_vl_moe", "qwen3_vl", "qwen3_vl_moe", True, functools.partial(tiny_qwen3_vl, True), QWEN_ROWS,
          qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3)], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
+    Case("qwen3_5", "qwen3_5", "qwen3_5", True, functools.partial(tiny_qwen3_5, False), QWEN_ROWS, qwen_inputs,
+         [projector(3)], lm_head, notes="hybrid decoder: projector site only"),
+    Case("qwen3_5_moe", "qwen3_5", "qwen3_5_moe", True, functools.partial(tiny_qwen3_5, True), QWEN_ROWS,
+         qwen_inputs, [projector(3)], lm_head, notes="hybrid decoder: projector site only"),
     Case("timm_vit", "timm_vit", "timm.VisionTransformer", False, contract_timm, VIT_ROWS, vit_inputs,
          [vision_cls_attn(4), vision_pixel_shuffle()], lambda m: m.blocks[-1].mlp.fc2.weight, run=timm_run,
          sides=("none",)),

@@ -1,4 +1,4 @@
-"""Qwen3-VL and Qwen3-VL-MoE (DeepStack) on tiny random-init models."""
+"""Qwen3-VL and Qwen3-VL-MoE (DeepStack), Qwen3.5 and Qwen3.5-MoE (hybrid decoder) on tiny random-init models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtoken
-from tiny_models import Q3_DEEPSTACK, Q_IMAGE, Q_VIDEO, qwen3_batch, tiny_qwen3_vl
+from tiny_models import Q3_DEEPSTACK, Q_IMAGE, Q_VIDEO, qwen3_batch, tiny_qwen3_5, tiny_qwen3_vl
 
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Qwen3VLMoeForConditionalGeneration"):
@@ -154,3 +154,30 @@ def test_llm_site_after_the_deepstack_layers_and_refusals():
         vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
     with torch.no_grad():  # a refused wrap leaves the model as it was
         torch.testing.assert_close(model(**batch).logits, tiny_qwen3_vl()(**batch).logits)
+
+
+# --- Qwen3.5 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("moe", MOE)
+def test_qwen3_5_keep_all_and_pruned_counts(moe):
+    model = tiny_qwen3_5(moe)
+    batch = qwen3_batch(ROWS)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with vtoken.wrapped(model, "cls_attn+kcenter", keep=1.0):
+            torch.testing.assert_close(model(**batch).logits[valid], expected[valid], atol=1e-5, rtol=0)
+        with vtoken.wrapped(model, "kcenter", keep=3):
+            seen, handle = _capture_lm(model)
+            model(**batch)
+            handle.remove()
+            assert [k.numel() for k in model.vtoken.stats.kept["projector"]] == [3, 3, 3]
+    text = ((batch["input_ids"] != Q_IMAGE) & (batch["input_ids"] != Q_VIDEO) & valid).sum(1)
+    assert seen[0]["attention_mask"].sum(1).tolist() == (text + torch.tensor([3, 6])).tolist()
+
+
+def test_qwen3_5_refuses_llm_and_vision_sites():
+    model = tiny_qwen3_5()
+    with pytest.raises(ValueError, match="linear-attention"):
+        vtoken.wrap(model, "fastv", keep=3, site="llm(2)")
+    with pytest.raises(ValueError, match="vision"):
+        vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")

@@ -286,3 +286,40 @@ def qwen3_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
         mask[r, span] = 1
     batch.update(input_ids=input_ids, mm_token_type_ids=mm_types, attention_mask=mask)
     return batch
+
+
+def tiny_qwen3_5(moe: bool = False, attn_implementation: str = "sdpa", seed: int = 0):
+    """A Qwen3.5 (``moe=False``) or Qwen3.5-MoE shaped model: Qwen3-VL's vision side without DeepStack and a
+    hybrid decoder (linear-attention, full-attention, linear-attention, full-attention)."""
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, max_position_embeddings=4096, bos_token_id=BOS, eos_token_id=2,
+        pad_token_id=PAD, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                         "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+    )
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=Q_PATCH,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, out_hidden_size=64,
+                  num_position_embeddings=16)
+    if moe:
+        from transformers import Qwen3_5MoeConfig as config_cls
+        from transformers import Qwen3_5MoeForConditionalGeneration as cls
+
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                    num_experts_per_tok=2)
+        text.pop("intermediate_size")
+    else:
+        from transformers import Qwen3_5Config as config_cls
+        from transformers import Qwen3_5ForConditionalGeneration as cls
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=Q_IMAGE, video_token_id=Q_VIDEO,
+                        vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    config._attn_implementation = attn_implementation
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = attn_implementation
+    model = cls(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
