@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
+#: how a budget is written, for messages
+BUDGET_FORMS = "tokens per image (an int such as 64) or a fraction of them in (0, 1] (such as 0.25)"
 
 
 def validate_keep(keep: object, where: str = "keep") -> None:
@@ -32,3 +36,24 @@ def resolve_keep(keep: int | float, num_tokens: int, units: int = 1, where: str 
             f"use an int in [1, {per_unit}] or a fraction in (0, 1]"
         )
     return total
+
+
+def parse_budget(value: Any) -> int | float:
+    """A budget as ``vtoken.wrap`` takes it, from a number or from text (a command line, a form field):
+    ``"64"`` is 64 tokens per image, ``"0.25"`` (or ``"1.0"``) a fraction of the tokens. Raises
+    ValueError/TypeError naming the accepted forms."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"set the budget: {BUDGET_FORMS}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"the budget {text!r} is not a number; give {BUDGET_FORMS}") from None
+    elif hasattr(value, "item") and not isinstance(value, (int, float)):  # a numpy or torch scalar
+        value = value.item()
+    validate_keep(value)
+    return value

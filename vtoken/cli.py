@@ -87,12 +87,10 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 def budget(text: str) -> int | float:
     """An argparse type: one budget, ``64`` (tokens per image) or ``0.25`` (a fraction of the tokens)."""
-    from vtoken.budget import validate_keep
-    from vtoken.eval.grid import parse_budget
+    from vtoken.budget import parse_budget
 
     try:
         value = parse_budget(text)
-        validate_keep(value, "budget")
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"bad budget {text!r}; a budget is {BUDGET_FORMS}") from None
     return value

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import vtoken
-from vtoken.budget import validate_keep
+from vtoken.budget import parse_budget
 from vtoken.registry import STAGES
 from vtoken.sites import Site
 from vtoken.stats import clock
@@ -31,7 +31,6 @@ from .overlay import legend_text, model_view, render_overlay, trace_tokens
 from .prompts import PromptFormat, image_token_id_of, prompt_format
 
 IMAGE_KINDS = "a PNG, JPEG, WebP or BMP image"
-BUDGET_HELP = "tokens per image (an int such as 64) or a fraction of them in (0, 1] (such as 0.25)"
 MAX_NEW_TOKENS = 1024
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -47,26 +46,6 @@ def model_lock(model: Any) -> threading.Lock:
 
 
 # --- request values --------------------------------------------------------------------------------
-def parse_budget(value: Any) -> int | float:
-    """A budget as ``vtoken.wrap`` takes it, from a number or from text: ``"64"`` is 64 tokens per image,
-    ``"0.25"`` (or ``"1.0"``) a fraction of the tokens. Raises ValueError/TypeError with vtoken's message."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"set the budget: {BUDGET_HELP}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = int(text)
-        except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise ValueError(f"the budget {text!r} is not a number; give {BUDGET_HELP}") from None
-    elif isinstance(value, np.generic):
-        value = value.item()
-    validate_keep(value)
-    return value
-
-
 def read_image(value: Any) -> Image.Image:
     """An RGB image from a PIL image, an array, a file path or an uploaded file (Gradio's file record).
 
