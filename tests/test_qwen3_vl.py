@@ -181,3 +181,31 @@ def test_qwen3_5_refuses_llm_and_vision_sites():
         vtoken.wrap(model, "fastv", keep=3, site="llm(2)")
     with pytest.raises(ValueError, match="vision"):
         vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
+
+
+@pytest.mark.parametrize("build", [tiny_qwen3_vl, tiny_qwen3_5], ids=["qwen3_vl", "qwen3_5"])
+def test_processor_from_disk_end_to_end(tmp_path, build):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tiny_processors import tiny_qwen3_vl_processor
+
+    def image(width, height, seed):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+    tiny_qwen3_vl_processor().save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = build()
+    text = ["<|vision_start|><|image_pad|><|vision_end|> what is the color",
+            "<|vision_start|><|image_pad|><|vision_end|> how many <|vision_start|><|image_pad|><|vision_end|>"]
+    inputs = processor(images=[image(24, 16, 0), image(16, 16, 1), image(28, 20, 2)], text=text, padding=True,
+                       return_tensors="pt")
+    assert "mm_token_type_ids" in inputs and inputs["image_grid_thw"].shape[0] == 3
+    expected = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with vtoken.wrapped(model, "kcenter", keep=1.0):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), expected)
+    with vtoken.wrapped(model, "kcenter", keep=0.5):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert [k.numel() for k in model.vtoken.stats.kept["projector"]] == [12, 8, 18]
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])

@@ -80,3 +80,18 @@ def save_tiny_checkpoint(model, processor, folder, chat_template: str):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+def tiny_qwen3_vl_processor():
+    """Qwen3-VL's processor (Qwen3-VL and Qwen3.5 share it) over the word tokenizer, with tiny patches."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from tiny_models import Q_PATCH
+
+    sizes = dict(patch_size=Q_PATCH, temporal_patch_size=2, merge_size=2)
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=8 * 8, max_pixels=32 * 32, **sizes),
+        tokenizer=word_tokenizer(),
+        video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32 * 4}, **sizes),
+    )
