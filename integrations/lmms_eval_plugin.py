@@ -1,4 +1,5 @@
-"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_qwen2_vl`` and ``vtoken_qwen2_5_vl``.
+"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_qwen2_vl``, ``vtoken_qwen2_5_vl``, ``vtoken_qwen3_vl``
+(Qwen3-VL, dense and MoE) and ``vtoken_qwen3_5`` (Qwen3.5).
 
 Each model subclasses lmms-eval's own class (so its prompt building, batching and generation loop stay
 lmms-eval's), then wraps the loaded model with vtoken. vtoken's arguments are taken out of
@@ -26,6 +27,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.models.simple.llava_hf import LlavaHf
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
+from lmms_eval.models.simple.qwen3_5 import Qwen3_5
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
 
 import vtoken
 
@@ -33,9 +36,35 @@ NO_PRUNING = ("none", "full")
 
 
 def _split_arguments(parent: type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    accepted = set(inspect.signature(parent.__init__).parameters) - {"self", "kwargs"}
+    accepted = _parent_parameters(parent)
     own = {key: value for key, value in kwargs.items() if key not in accepted}
     return {key: value for key, value in kwargs.items() if key in accepted}, own
+
+
+def _parent_parameters(parent: type) -> set[str]:
+    """The keyword arguments the parent's ``__init__`` takes, following ``**kwargs`` up its classes
+    (lmms-eval's Qwen3_5 passes its ``**kwargs`` on to Qwen3_VL)."""
+    accepted: set[str] = set()
+    for cls in parent.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters
+        accepted |= {name for name, p in parameters.items()
+                     if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return accepted
+
+
+def _parent_defaults(parent: type) -> dict[str, Any]:
+    """Default values of the parent's ``__init__`` arguments, the nearest class's first."""
+    defaults: dict[str, Any] = {}
+    for cls in parent.__mro__:
+        if "__init__" in vars(cls):
+            for name, p in inspect.signature(cls.__init__).parameters.items():
+                if p.default is not p.empty:
+                    defaults.setdefault(name, p.default)
+    return defaults
 
 
 def _device_map_follows_device(parent: type, kwargs: dict[str, Any]) -> None:
@@ -47,9 +76,9 @@ def _device_map_follows_device(parent: type, kwargs: dict[str, Any]) -> None:
     """
     if kwargs.get("device_map") or int(os.environ.get("WORLD_SIZE", "1")) != 1:
         return
-    parameters = inspect.signature(parent.__init__).parameters
-    device = str(kwargs.get("device") or parameters["device"].default)
-    default_map = parameters["device_map"].default if "device_map" in parameters else ""
+    parameters = _parent_defaults(parent)
+    device = str(kwargs.get("device") or parameters.get("device", "cuda"))
+    default_map = parameters.get("device_map", "")
     if default_map == "auto" and device.startswith("cuda"):
         return
     kwargs["device_map"] = device
@@ -127,6 +156,20 @@ class VTokenQwen25VL(_VTokenMixin, Qwen2_5_VL):
         self._init_vtoken(Qwen2_5_VL, kwargs)
 
 
+class VTokenQwen3VL(_VTokenMixin, Qwen3_VL):
+    model_id = "vtoken_qwen3_vl"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._init_vtoken(Qwen3_VL, kwargs)
+
+
+class VTokenQwen35(_VTokenMixin, Qwen3_5):
+    model_id = "vtoken_qwen3_5"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._init_vtoken(Qwen3_5, kwargs)
+
+
 def _manifest(cls: type[_VTokenMixin]) -> ModelManifest:
     return ModelManifest(model_id=cls.model_id, simple_class_path=f"{__name__}.{cls.__name__}")
 
@@ -141,3 +184,11 @@ def qwen2_vl_manifest() -> ModelManifest:
 
 def qwen2_5_vl_manifest() -> ModelManifest:
     return _manifest(VTokenQwen25VL)
+
+
+def qwen3_vl_manifest() -> ModelManifest:
+    return _manifest(VTokenQwen3VL)
+
+
+def qwen3_5_manifest() -> ModelManifest:
+    return _manifest(VTokenQwen35)

@@ -78,13 +78,14 @@ QWEN_PIXELS = "max_pixels=3136,min_pixels=784"  # scene images become 56 x 56: 1
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Tiny random-init LLaVA, Qwen2-VL and Qwen2.5-VL checkpoints saved with offline processors."""
-    from tiny_models import tiny_llava, tiny_qwen
+    """Tiny random-init LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 checkpoints with offline processors."""
+    from tiny_models import tiny_llava, tiny_qwen, tiny_qwen3_5, tiny_qwen3_vl
     from tiny_processors import (
         LLAVA_CHAT_TEMPLATE,
         QWEN_CHAT_TEMPLATE,
         save_tiny_checkpoint,
         tiny_llava_processor,
+        tiny_qwen3_vl_processor,
         tiny_qwen_processor,
     )
 
@@ -96,6 +97,10 @@ def checkpoints(tmp_path_factory):
                                                 QWEN_CHAT_TEMPLATE),
         "vtoken_qwen2_5_vl": save_tiny_checkpoint(tiny_qwen("2.5"), tiny_qwen_processor(), root / "qwen2_5_vl",
                                                   QWEN_CHAT_TEMPLATE),
+        "vtoken_qwen3_vl": save_tiny_checkpoint(tiny_qwen3_vl(), tiny_qwen3_vl_processor(), root / "qwen3_vl",
+                                                QWEN_CHAT_TEMPLATE),
+        "vtoken_qwen3_5": save_tiny_checkpoint(tiny_qwen3_5(), tiny_qwen3_vl_processor(), root / "qwen3_5",
+                                               QWEN_CHAT_TEMPLATE),
     }
 
 
@@ -117,7 +122,8 @@ def run_lmms_eval(model: str, model_args: str, task_dir: Path, out: Path) -> sub
                           check=False)
 
 
-@pytest.mark.parametrize("model", ["vtoken_qwen2_vl", "vtoken_qwen2_5_vl", "vtoken_llava_hf"])
+@pytest.mark.parametrize("model", ["vtoken_qwen2_vl", "vtoken_qwen2_5_vl", "vtoken_qwen3_vl", "vtoken_qwen3_5",
+                                   "vtoken_llava_hf"])
 def test_lmms_eval_command_line_scores_the_tiny_checkpoint(model, checkpoints, task_dir, tmp_path):
     out = tmp_path / "results"
     done = run_lmms_eval(model, _model_args(model, checkpoints[model], "method=kcenter,keep=16"), task_dir, out)
@@ -159,7 +165,7 @@ def test_refusal_raises_through_simple_evaluate(checkpoints, task_dir):
                         batch_size=1, device="cpu", limit=CLI_QUESTIONS)
 
 
-@pytest.mark.parametrize("model", ["vtoken_qwen2_vl", "vtoken_qwen2_5_vl"])
+@pytest.mark.parametrize("model", ["vtoken_qwen2_vl", "vtoken_qwen2_5_vl", "vtoken_qwen3_vl", "vtoken_qwen3_5"])
 def test_qwen_models_load_on_the_given_device_and_are_wrapped(model, checkpoints):
     """The parents' default device_map ("cuda", "auto") would ignore device=cpu."""
     from lmms_eval.models import get_model
