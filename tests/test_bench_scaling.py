@@ -127,7 +127,7 @@ def test_scaling_arguments_parse_and_take_the_device_defaults():
     args = resolve_defaults(build_parser().parse_args(["bench", "--scaling", "--device", "cpu"]))
     assert (args.arch, args.random_init, args.depth_scale) == ("qwen2.5-vl-7b", True, 1 / 28)
     assert (args.methods, args.budgets, args.scaling_tokens, args.scaling_batches) == (
-        "kcenter,dart", "0.25", "64,144,576", "1,4")
+        "kcenter,dart", "0.25", "64,144,576", "1,2")
     assert (args.runs, args.warmup, args.generate_runs, args.decode_tokens, args.max_spread) == (3, 0, 1, 4, 1.5)
     line = command_line(args)
     assert line.startswith("vtoken bench --scaling --arch qwen2.5-vl-7b --random-init --depth-scale 1/28")

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="visual tokens per image, comma-separated (default: 576,2880,5000,16000 on GPU, "
                               "64,144,576 on CPU)")
     scaling.add_argument("--scaling-batches", default=None, type=_int_list,
-                         help="batch sizes, comma-separated (default: 1,4,16 on GPU, 1,4 on CPU)")
+                         help="batch sizes, comma-separated (default: 1,4,16 on GPU, 1,2 on CPU)")
     grid.add_argument("--text-tokens", type=int_at_least(2), default=48,
                       help="text tokens of the synthetic prompt (besides the image placeholders)")
     grid.add_argument("--batch-size", type=int_at_least(1), default=1,
