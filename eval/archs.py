@@ -32,6 +32,17 @@ QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_l
                                           "mrope_section": [16, 24, 24]})
 
 
+QWEN3_VL_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                          num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+                          deepstack_visual_indexes=[8, 16, 24])
+QWEN3_VL_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+
+
 def scaled(layers: int, depth_scale: float) -> int:
     """``layers * depth_scale`` rounded, at least 1 (32 at 1/8 -> 4; 24 -> 3; 28 -> 4 (3.5 rounds up))."""
     if not 0 < depth_scale <= 1:
@@ -65,10 +76,23 @@ def qwen25_vl_config(depth_scale: float = 1.0) -> Any:
                             eos_token_id=151645, tie_word_embeddings=False)
 
 
+def qwen3_vl_config(depth_scale: float = 1.0) -> Any:
+    from transformers import Qwen3VLConfig
+
+    depth = scaled(27, depth_scale)
+    # the DeepStack taps keep their relative places in the shorter tower (distinct, before its last block)
+    taps = sorted({min(depth - 1, max(0, int(i * depth_scale + 0.5))) for i in (8, 16, 24)})
+    vision = dict(QWEN3_VL_8B_VISION, depth=depth, deepstack_visual_indexes=taps)
+    text = dict(QWEN3_VL_8B_TEXT, num_hidden_layers=max(scaled(36, depth_scale), len(taps)))
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+
+
 ARCHS: dict[str, Callable[[float], Any]] = {
     "llava-1.5-7b": lambda scale: llava_config(LLAMA_7B, scale),
     "llava-1.5-13b": lambda scale: llava_config(LLAMA_13B, scale),
     "qwen2.5-vl-7b": qwen25_vl_config,
+    "qwen3-vl-8b": qwen3_vl_config,
 }
 
 

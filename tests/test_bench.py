@@ -249,3 +249,18 @@ def test_cli_keeps_valid_method_and_budget_lists_as_given():
                                       "--budgets", "64,0.5", "--depth-scale", "1/8"])
     assert args.methods == "dart@llm(2),cls_attn@vision(1)+kcenter" and args.budgets == "64,0.5"
     assert args.depth_scale == 0.125
+
+
+def test_qwen3_vl_8b_architecture_keeps_widths_and_its_deepstack_taps():
+    from vtoken.eval.archs import arch_config
+
+    full = arch_config("qwen3-vl-8b")
+    text, vision = full.text_config, full.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, vision.depth) == (4096, 36, 27)
+    assert full.vision_config.deepstack_visual_indexes == [8, 16, 24]
+    for scale in (1 / 2, 1 / 8, 1 / 27):
+        config = arch_config("qwen3-vl-8b", scale)
+        taps = config.vision_config.deepstack_visual_indexes
+        assert taps == sorted(set(taps)) and all(0 <= tap < config.vision_config.depth for tap in taps)
+        assert config.text_config.num_hidden_layers >= len(taps)
+        assert config.text_config.hidden_size == 4096 and config.vision_config.hidden_size == 1152
