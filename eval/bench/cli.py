@@ -7,6 +7,7 @@ import argparse
 import math
 import shlex
 import sys
+from typing import Any
 
 from ..grid import parse_budget
 from .report import MAX_SPREAD, format_table
@@ -161,28 +162,28 @@ def _factor(text: str) -> float:
     return value
 
 
+def _checked_list(text: str, check: Any, what: str, example: str) -> str:
+    """A comma-separated option with every item checked by ``check`` (an argparse type); returns the text."""
+    items = split_list(text)
+    if not items:
+        raise argparse.ArgumentTypeError(f"no {what} given; pass e.g. {example}")
+    for item in items:
+        check(item)
+    return text
+
+
 def _method_list(text: str) -> str:
-    """``--methods``: every comma-separated spec checked (``vtoken.cli.method_spec``); returns the text."""
+    """``--methods``: every comma-separated spec checked (``vtoken.cli.method_spec``)."""
     from vtoken.cli import method_spec
 
-    specs = split_list(text)
-    if not specs:
-        raise argparse.ArgumentTypeError("no method given; pass e.g. --methods dart,kcenter")
-    for spec in specs:
-        method_spec(spec)
-    return text
+    return _checked_list(text, method_spec, "method", "--methods dart,kcenter")
 
 
 def _budget_list(text: str) -> str:
-    """``--budgets``: every comma-separated budget checked (``vtoken.cli.budget``); returns the text."""
+    """``--budgets``: every comma-separated budget checked (``vtoken.cli.budget``)."""
     from vtoken.cli import budget
 
-    budgets = split_list(text)
-    if not budgets:
-        raise argparse.ArgumentTypeError("no budget given; pass e.g. --budgets 64,128")
-    for value in budgets:
-        budget(value)
-    return text
+    return _checked_list(text, budget, "budget", "--budgets 64,128")
 
 
 def _device_or_auto(text: str) -> str:

@@ -21,15 +21,21 @@ CSV_COLUMNS = [
 ]
 
 
-def write_results(result: dict[str, Any], out: Path, plots: bool = True) -> list[str]:
+def write_json_and_csv(result: dict[str, Any], out: Path, stem: str, columns: list[str]) -> list[Path]:
+    """``<stem>.json`` (the whole result) and ``<stem>.csv`` (its rows, ``columns``) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "results.json", out / "results.csv"]
+    files = [out / f"{stem}.json", out / f"{stem}.csv"]
     files[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
     with open(files[1], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in result["rows"]:
             writer.writerow(row)
+    return files
+
+
+def write_results(result: dict[str, Any], out: Path, plots: bool = True) -> list[str]:
+    files = write_json_and_csv(result, out, "results", CSV_COLUMNS)
     if plots:
         files += plot_results(result, out)
     return [str(f) for f in files]

@@ -10,8 +10,6 @@ and generate() throughput (tokens/s for the whole batch). Outputs: ``scaling.jso
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 
 from ..grid import method_grid
 from .measure import measure_baseline, measure_method, relative_to
-from .report import MAX_SPREAD, _fmt, flagged, machine_line, spread_footer
+from .report import MAX_SPREAD, _fmt, flagged, machine_line, spread_footer, write_json_and_csv
 from .runner import check_counts, load_model, setup_machine, workload
 from .system import device_name, machine_info, rss_source
 
@@ -113,14 +111,7 @@ def run_scaling(
 
 
 def write_scaling(result: dict[str, Any], out: Path, plots: bool = True) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "scaling.json", out / "scaling.csv"]
-    files[0].write_text(json.dumps(result, indent=2, default=str) + "\n")
-    with open(files[1], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SCALING_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in result["rows"]:
-            writer.writerow(row)
+    files = write_json_and_csv(result, out, "scaling", SCALING_COLUMNS)
     if plots:
         files.append(plot_scaling(result, out / "scaling.png"))
     return [str(f) for f in files]
