@@ -114,9 +114,17 @@ def run(args: argparse.Namespace) -> int:
             max_spread=args.max_spread,
         )
     except (ValueError, NotImplementedError, OSError) as error:
-        print(f"vtoken bench: {error}", file=sys.stderr)
-        return 2
-    print(format_table(result))
+        return _refused(error)
+    return _show(format_table(result), result)
+
+
+def _refused(error: Exception) -> int:
+    print(f"vtoken bench: {error}", file=sys.stderr)
+    return 2
+
+
+def _show(table: str, result: dict[str, Any]) -> int:
+    print(table)
     print(f"\nwrote {result['files']}" if result.get("files") else "")
     print(f"rerun with:\n  {result['command']}")
     return 0
@@ -135,12 +143,8 @@ def _run_scaling(args: argparse.Namespace) -> int:
             command=command_line(args), max_spread=args.max_spread,
         )
     except (ValueError, NotImplementedError, OSError) as error:
-        print(f"vtoken bench: {error}", file=sys.stderr)
-        return 2
-    print(format_scaling(result))
-    print(f"\nwrote {result['files']}" if result.get("files") else "")
-    print(f"rerun with:\n  {result['command']}")
-    return 0
+        return _refused(error)
+    return _show(format_scaling(result), result)
 
 
 def _int_list(text: str) -> str:
