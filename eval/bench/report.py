@@ -126,14 +126,19 @@ def spread_footer(rows: list[dict[str, Any]], max_spread: float, what: str = "co
             "before trusting their ratios"]
 
 
+def table_head(title: str, result: dict[str, Any], header: str) -> list[str]:
+    """A table's first lines: its title, the machine, the column header and a rule under it."""
+    return [title, machine_line(result), header, "-" * len(header)]
+
+
 def format_table(result: dict[str, Any]) -> str:
     max_spread = result.get("max_spread", MAX_SPREAD)
     header = (f"{'method':<23} {'keep':>5} {'LLM vis':>9} {'prefill ms':>10} {'min-max':>15} {'oracle ms':>9} "
               f"{'speedup':>7} {'oracle':>6} {'FLOPs':>6} {'meas/or':>7} {'total':>6} {'spread':>6} {'sel %':>6} "
               f"{'dec tok/s':>9} {'peak MB':>8} {'KV MB':>7} {'GFLOPs v/p/llm':>20}")
-    lines = [f"{result['model']} | {result['device']} | {result['dtype']} | threads {result['threads']} | "
-             f"{result['runs']} runs after {result['warmup']} warm-up | text tokens {result['text_tokens']}",
-             machine_line(result), header, "-" * len(header)]
+    lines = table_head(f"{result['model']} | {result['device']} | {result['dtype']} | threads {result['threads']} | "
+                       f"{result['runs']} runs after {result['warmup']} warm-up | text tokens {result['text_tokens']}",
+                       result, header)
     for r in result["rows"]:
         label = r["method"] + (" !" if flagged(r, max_spread) else "")
         lines.append(

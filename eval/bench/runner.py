@@ -15,7 +15,7 @@ import torch
 from ..grid import method_grid
 from .measure import Workload, measure_baseline, measure_method, relative_to
 from .report import MAX_SPREAD, write_results
-from .system import device_name, machine_info, rss_source
+from .system import run_facts
 
 DEFAULT_METHODS = ("cls_attn", "kcenter", "dart", "pool", "random", "dart@llm(2)")
 DEFAULT_BUDGETS = (64, 128, 192)
@@ -66,14 +66,12 @@ def run_bench(
     result = {
         "command": command or _api_command(model_name, methods, budgets, runs, warmup, decode_tokens, text_tokens,
                                            batch_size, seed, device, torch_dtype, threads, out),
-        "model": model_name, "model_type": model.config.model_type, "random_init": bool(arch),
-        "depth_scale": depth_scale if arch else 1.0, "device": device_name(device), "dtype": str(torch_dtype),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "attn_implementation": attn_implementation,
-        "machine": machine_info(device), "max_spread": max_spread, "generate_runs": generate_runs,
+        "model": model_name, "random_init": bool(arch), "depth_scale": depth_scale if arch else 1.0,
+        **run_facts(model, device, torch_dtype), "attn_implementation": attn_implementation,
+        "max_spread": max_spread, "generate_runs": generate_runs,
         "text_tokens": work.text_tokens, "visual_tokens_per_image": work.counts.tokens,
         "batch_size": batch_size, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
         "dims": work.dims.to_dict(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "memory_source": "cuda max_memory_allocated" if device.type == "cuda" else rss_source(),
         "wall_s": None, "rows": rows,
     }
     result["wall_s"] = round(time.perf_counter() - started, 1)

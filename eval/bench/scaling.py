@@ -19,9 +19,9 @@ import torch
 
 from ..grid import method_grid
 from .measure import measure_baseline, measure_method, relative_to
-from .report import MAX_SPREAD, _fmt, flagged, machine_line, spread_footer, write_json_and_csv
+from .report import MAX_SPREAD, _fmt, flagged, spread_footer, table_head, write_json_and_csv
 from .runner import check_counts, load_model, setup_machine, workload
-from .system import device_name, machine_info, rss_source
+from .system import run_facts
 
 #: on a GPU: the issue's sweep, at 1/4 depth (8 ViT blocks, 7 decoder layers of Qwen2.5-VL-7B)
 GPU_DEFAULTS = dict(tokens=(576, 2880, 5000, 16000), batches=(1, 4, 16), methods=("kcenter", "dart@llm(2)"),
@@ -95,13 +95,10 @@ def run_scaling(
                 bar.update(1)
     bar.close()
     result = {
-        "command": command, "model": model_name, "model_type": model.config.model_type,
-        "random_init": built, "depth_scale": depth_scale if built else 1.0,
-        "device": device_name(torch_device), "dtype": str(torch_dtype), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": machine_info(torch_device), "max_spread": max_spread,
+        "command": command, "model": model_name, "random_init": built, "depth_scale": depth_scale if built else 1.0,
+        **run_facts(model, torch_device, torch_dtype), "max_spread": max_spread,
         "text_tokens": text_tokens, "tokens": list(tokens), "batches": list(batches), "keep": list(keep),
         "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens, "generate_runs": generate_runs,
-        "memory_source": "cuda max_memory_allocated" if torch_device.type == "cuda" else rss_source(),
         "wall_s": None, "rows": rows,
     }
     result["wall_s"] = round(time.perf_counter() - started, 1)
@@ -174,10 +171,9 @@ def format_scaling(result: dict[str, Any]) -> str:
     header = (f"{'tokens':>6} {'batch':>5} {'method':<16} {'keep':>5} {'prefill ms':>10} {'base ms':>9} "
               f"{'speedup':>7} {'oracle':>6} {'meas/or':>7} {'spread':>6} {'sel ms':>7} {'sel %':>6} "
               f"{'peak MB':>8} {'KV MB':>7} {'gen tok/s':>9}")
-    lines = [f"{result['model']} | {result['device']} | {result['dtype']} | {result['runs']} paired runs after "
-             f"{result['warmup']} warm-up | {result['generate_runs']} generate() pair(s) of "
-             f"{1 + result['decode_tokens']} tokens | text tokens {result['text_tokens']}",
-             machine_line(result), header, "-" * len(header)]
+    lines = table_head(f"{result['model']} | {result['device']} | {result['dtype']} | {result['runs']} paired runs "
+                       f"after {result['warmup']} warm-up | {result['generate_runs']} generate() pair(s) of "
+                       f"{1 + result['decode_tokens']} tokens | text tokens {result['text_tokens']}", result, header)
     for r in result["rows"]:
         label = r["method"] + (" !" if flagged(r, max_spread) and r["method"] != "none" else "")
         selection = None if r["method"] == "none" else (r["scoring_ms"] or 0) + (r["select_ms"] or 0)

@@ -88,3 +88,12 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+def run_facts(model: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What every bench result records about the model and the machine it ran on."""
+    return {
+        "model_type": model.config.model_type, "device": device_name(device), "dtype": str(dtype),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine_info(device),
+        "memory_source": "cuda max_memory_allocated" if device.type == "cuda" else rss_source(),
+    }
