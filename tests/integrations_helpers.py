@@ -17,3 +17,11 @@ def lm_image_tokens(model, batch) -> list[int]:
     image_token = model.config.image_token_id
     text = ((batch["input_ids"] != image_token) & batch["attention_mask"].bool()).sum(1)
     return (seen[0].sum(1) - text).tolist()
+
+
+def lm_inputs(model):
+    """Record the keyword arguments the language model receives on each call: ``(seen, hook handle)``."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    return seen, handle

@@ -6,20 +6,10 @@ import pytest
 import torch
 
 import vtoken
+from integrations_helpers import lm_inputs
 from tiny_models import BOS, IMAGE_TOKEN, TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava
 
 METHODS = ["cls_attn", "kcenter", "dart", "random", "pool", "cls_attn+kcenter"]
-
-
-def lm_inputs(model):
-    """Record what the language model receives on each call."""
-    seen = []
-
-    def hook(module, args, kwargs):
-        seen.append({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
-
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    return seen, handle
 
 
 def all_hooks(model):

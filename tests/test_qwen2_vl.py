@@ -6,19 +6,12 @@ import pytest
 import torch
 
 import vtoken
+from integrations_helpers import lm_inputs
 from tiny_models import Q_IMAGE, Q_VIDEO, qwen_batch, tiny_qwen
 
 VERSIONS = ["2", "2.5"]
 METHODS = ["cls_attn", "kcenter", "dart", "random", "pool", "cls_attn+kcenter"]
 TWO_SIZES = [[20, ("image", 8, 12), 30, 31], [21, ("image", 4, 8), 32]]  # 24 and 8 merged tokens
-
-
-def lm_inputs(model):
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True
-    )
-    return seen, handle
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vtoken
+from integrations_helpers import lm_inputs
 from tiny_models import Q3_DEEPSTACK, Q_IMAGE, Q_VIDEO, qwen3_batch, tiny_qwen3_5, tiny_qwen3_vl
 
 transformers = pytest.importorskip("transformers")
@@ -15,13 +16,6 @@ if not hasattr(transformers, "Qwen3VLMoeForConditionalGeneration"):
 MOE = [False, True]
 # two image sizes (4 and 8 tokens) and a 2-frame clip (2 x 4 tokens, written frame by frame)
 ROWS = [[20, ("image", 4, 4), 30, 31], [21, ("image", 8, 4), 22, ("video", 2, 4, 4), 32]]
-
-
-def _capture_lm(model):
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
-    return seen, handle
 
 
 @pytest.mark.parametrize("moe", MOE)
@@ -99,7 +93,7 @@ def test_pruned_prefill_equals_hand_pruned_reference(moe, method):
     model = tiny_qwen3_vl(moe)
     batch = qwen3_batch(ROWS, side="right")
     with vtoken.wrapped(model, method, keep=3), torch.no_grad():
-        seen, handle = _capture_lm(model)
+        seen, handle = lm_inputs(model)
         got = model(**batch).logits
         handle.remove()
         kept = model.vtoken.stats.kept["projector"]
@@ -120,7 +114,7 @@ def test_deepstack_features_follow_the_kept_tokens():
     with torch.no_grad():
         full = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
         with vtoken.wrapped(model, "kcenter", keep=5):
-            seen, handle = _capture_lm(model)
+            seen, handle = lm_inputs(model)
             model(**batch)
             handle.remove()
             kept = model.vtoken.stats.kept["projector"][0]
@@ -150,7 +144,7 @@ def test_llm_site_after_the_deepstack_layers_and_refusals():
         assert counts == [4] * levels + [3] * (4 - levels)
     with pytest.raises(ValueError, match="DeepStack level"):
         vtoken.wrap(model, "fastv", keep=3, site=f"llm({levels - 1})")
-    with pytest.raises(ValueError, match="no vision\\(L\\) site"):
+    with pytest.raises(ValueError, match="has no vision site for stage cls_attn: its DeepStack mergers read"):
         vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
     with torch.no_grad():  # a refused wrap leaves the model as it was
         torch.testing.assert_close(model(**batch).logits, tiny_qwen3_vl()(**batch).logits)
@@ -167,7 +161,7 @@ def test_qwen3_5_keep_all_and_pruned_counts(moe):
         with vtoken.wrapped(model, "cls_attn+kcenter", keep=1.0):
             torch.testing.assert_close(model(**batch).logits[valid], expected[valid], atol=1e-5, rtol=0)
         with vtoken.wrapped(model, "kcenter", keep=3):
-            seen, handle = _capture_lm(model)
+            seen, handle = lm_inputs(model)
             model(**batch)
             handle.remove()
             assert [k.numel() for k in model.vtoken.stats.kept["projector"]] == [3, 3, 3]

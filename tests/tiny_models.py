@@ -11,6 +11,18 @@ GRID = 12  # 168px / patch 14 -> 12 x 12 = 144 patch tokens per image
 TOKENS_PER_IMAGE = GRID * GRID
 
 
+def eval_model(cls, config, attn_implementation: str, sub_configs=()):
+    """``cls(config)`` in eval mode with ``attn_implementation`` (on ``sub_configs`` too), the pad id set and no
+    end-of-sequence token, so that generate always produces the full requested length in tests."""
+    config._attn_implementation = attn_implementation
+    for sub in sub_configs:
+        sub._attn_implementation = attn_implementation
+    model = cls(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
 def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 4, vision_layers: int = 3):
     """A LLaVA-1.5-shaped model: CLIP ViT + 2-layer MLP projector + Llama (GQA)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -29,11 +41,7 @@ def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, text_layers: in
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=TOKENS_PER_IMAGE, pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # generate the full requested length in tests
-    return model.eval()
+    return eval_model(LlavaForConditionalGeneration, config, attn_implementation)
 
 
 def prompt_ids(before: list[int], images: int, after: list[int]) -> list[int]:
@@ -93,13 +101,7 @@ def tiny_qwen(version: str = "2", attn_implementation: str = "sdpa", seed: int =
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=Q_IMAGE,
                                   video_token_id=Q_VIDEO, vision_start_token_id=Q_START, vision_end_token_id=Q_END,
                                   bos_token_id=BOS, eos_token_id=2)
-    config._attn_implementation = attn_implementation
-    for sub in (config.text_config, config.vision_config):
-        sub._attn_implementation = attn_implementation
-    model = cls(config)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return eval_model(cls, config, attn_implementation, (config.text_config, config.vision_config))
 
 
 def qwen_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
@@ -165,11 +167,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
         vision_feature_select_strategy="default", image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]],
         pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return eval_model(LlavaNextForConditionalGeneration, config, attn_implementation)
 
 
 def llava_next_batch(model, rows: list[tuple[list[int], tuple[int, int], list[int]]], seed: int = 0) -> dict:
@@ -231,13 +229,7 @@ def tiny_qwen3_vl(moe: bool = False, attn_implementation: str = "sdpa", seed: in
         from transformers import Qwen3VLForConditionalGeneration as cls
     config = config_cls(text_config=text, vision_config=vision, image_token_id=Q_IMAGE, video_token_id=Q_VIDEO,
                         vision_start_token_id=Q_START, vision_end_token_id=Q_END)
-    config._attn_implementation = attn_implementation
-    for sub in (config.text_config, config.vision_config):
-        sub._attn_implementation = attn_implementation
-    model = cls(config)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return eval_model(cls, config, attn_implementation, (config.text_config, config.vision_config))
 
 
 def qwen3_batch(rows: list[list], side: str = "left", seed: int = 0) -> dict:
@@ -316,10 +308,4 @@ def tiny_qwen3_5(moe: bool = False, attn_implementation: str = "sdpa", seed: int
         from transformers import Qwen3_5ForConditionalGeneration as cls
     config = config_cls(text_config=text, vision_config=vision, image_token_id=Q_IMAGE, video_token_id=Q_VIDEO,
                         vision_start_token_id=Q_START, vision_end_token_id=Q_END)
-    config._attn_implementation = attn_implementation
-    for sub in (config.text_config, config.vision_config):
-        sub._attn_implementation = attn_implementation
-    model = cls(config)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model.eval()
+    return eval_model(cls, config, attn_implementation, (config.text_config, config.vision_config))
