@@ -63,6 +63,8 @@ class Integration:
     options: ClassVar[dict[str, Any]] = {}
     #: what the image stands for in a chat message's text (``{image}``: the processor's image token)
     chat_content: ClassVar[str] = "{image}\n{question}"
+    #: why a site kind this family lacks cannot be offered, for the refusal's message (kind -> reason)
+    unsupported_sites: ClassVar[dict[str, str]] = {}
     #: the signals each site kind provides (``vtoken.signals``); refine per model in ``provided_signals``
     site_signals: ClassVar[dict[str, frozenset[str]]] = {}
 
@@ -137,7 +139,10 @@ class Integration:
         for stage in self.pipeline.stages:
             site: Site = stage.site
             if site.kind not in kinds:
-                raise ValueError(f"{self.family} has no {site.kind} site for stage {stage.name}; accepted: {accepted}")
+                reason = self.unsupported_sites.get(site.kind)
+                because = f": {reason}" if reason else ""
+                raise ValueError(f"{self.family} has no {site.kind} site for stage {stage.name}{because}; "
+                                 f"accepted: {accepted}")
             if site.layer is not None and site.layer not in self.layer_range(site.kind):
                 raise ValueError(f"{site} does not exist in this {self.family} model; accepted: {accepted}")
         for site in self.pipeline.sites:

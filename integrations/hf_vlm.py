@@ -136,9 +136,9 @@ class HFVisionLanguage(Integration):
         """A budget above what every image gives (a fixed-size encoder) is refused now, not at the first
         call. Only the first site is checked: what later sites see depends on what earlier ones kept."""
         first = self.pipeline.sites[0]
-        if first.kind == "vision" or self.tokens_per_image() is None:
+        available = None if first.kind == "vision" else self.tokens_per_image()
+        if available is None:
             return
-        available = self.tokens_per_image()
         stages = [stage for stage in self.pipeline.stages_at(first) if stage.budgeted]
         if not stages:
             return

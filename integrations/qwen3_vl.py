@@ -41,6 +41,10 @@ from .qwen2_vl import Qwen2VLIntegration
 #: a per-position input of the prepared prefill: each visual position's row in the DeepStack features
 DEEPSTACK_INDEX = "_vtoken_deepstack_index"
 
+#: why Qwen3-VL's tower offers no vision(L) site
+_NO_VISION_SITE = ("its DeepStack mergers read the full-length hidden states of intermediate vision blocks and its "
+                   "learned position table is resampled to each full grid inside the tower's forward")
+
 
 @register_integration("qwen3_vl")
 class Qwen3VLIntegration(Qwen2VLIntegration):
@@ -48,6 +52,8 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
     image_inputs: ClassVar[tuple[str, ...]] = (
         "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
     )
+
+    unsupported_sites: ClassVar[dict[str, str]] = {"vision": _NO_VISION_SITE}
 
     # --- sites -----------------------------------------------------------------------------------
     def deepstack_levels(self) -> int:
@@ -67,16 +73,6 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         return (f"the language model adds DeepStack level i after decoder layer i, for i < {self.deepstack_levels()}, "
                 "through one full-length visual mask inside its own forward: a sequence shortened before the last "
                 "level would receive the remaining levels at the wrong positions")
-
-    def check_pipeline(self) -> None:
-        for stage in self.pipeline.stages:
-            if stage.site.kind == "vision":
-                raise ValueError(
-                    f"{self.family} has no vision(L) site (stage {stage.name}): its DeepStack mergers read the "
-                    "full-length hidden states of intermediate vision blocks and its learned position table is "
-                    f"resampled to each full grid inside the tower's forward; accepted: {self.describe_sites()}"
-                )
-        super().check_pipeline()
 
     def _install_hooks(self) -> None:
         super()._install_hooks()
@@ -182,20 +178,15 @@ class Qwen3_5Integration(Qwen3VLIntegration):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_5", "qwen3_5_moe")
+    unsupported_sites: ClassVar[dict[str, str]] = {
+        "vision": _NO_VISION_SITE,
+        "llm": ("its hybrid decoder's linear-attention layers carry a convolution and a recurrent state, not a "
+                "key/value cache; vtoken's llm(K) shortens the sequence through the attention layers' masks and "
+                "rotary tables and has no verified way to give those states only the kept tokens"),
+    }
 
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector",)
-
-    def check_pipeline(self) -> None:
-        for stage in self.pipeline.stages:
-            if stage.site.kind == "llm":
-                raise ValueError(
-                    f"{self.family} has no llm(K) site (stage {stage.name}): its hybrid decoder's linear-attention "
-                    "layers carry a convolution and a recurrent state, not a key/value cache; vtoken's llm(K) "
-                    "shortens the sequence through the attention layers' masks and rotary tables and has no "
-                    "verified way to give those states only the kept tokens; accepted: projector"
-                )
-        super().check_pipeline()
 
     def model_dims(self) -> ModelDims:
         raise self._lacks("model dimensions for FLOPs (its linear-attention decoder layers are not modelled)")
