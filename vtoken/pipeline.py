@@ -90,6 +90,34 @@ class Pipeline:
                 missing = [stage for stage in stages if stage.keep is None]
                 if missing:
                     raise ValueError(_missing_budget(missing[0], site))
+        self._check_budgets_shrink()
+
+    def _check_budgets_shrink(self) -> None:
+        """Each site chooses among what the sites before it kept (a pyramid such as ``fastv@llm(2)+
+        fastv@llm(8)``), so an int budget (tokens per image) cannot exceed an earlier site's int budget."""
+        earlier: tuple[Site, int] | None = None
+        for site in self.sites:
+            count = self._int_budget(site)
+            if count is None:
+                continue
+            if earlier is not None and count > earlier[1]:
+                raise ValueError(
+                    f"{site} keeps {count} tokens per image, but {earlier[0]} before it keeps only {earlier[1]}: "
+                    f"each site chooses among the tokens the earlier sites kept; give {site} at most {earlier[1]} "
+                    "(or a fraction in (0, 1] of what reaches it)"
+                )
+            earlier = (site, count)
+
+    def _int_budget(self, site: Site) -> int | None:
+        """The tokens per image ``site`` keeps when its budget is a fixed int (None for fractions)."""
+        stages = self.stages_at(site)
+        if not all(stage.budgeted for stage in stages):
+            return None
+        keeps = [self.site_keep(site)] if len(stages) == 1 else (
+            [self._site_budget(site)] if self._site_budget(site) is not None else [s.keep for s in stages])
+        if all(isinstance(k, int) and not isinstance(k, bool) for k in keeps):
+            return sum(keeps)
+        return None
 
     def check_grids(self) -> None:
         """A stage that needs the full token grid (pool, pixel_shuffle) cannot follow a site whose stages
