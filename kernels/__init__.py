@@ -6,6 +6,6 @@ torch reference included, holds an N x N matrix of any kind (the reference's nea
 in row blocks), so memory grows linearly with the token count.
 """
 
-from .dispatch import attention_rows, backend_for, cosine_to_pivots, kcenter_select
+from .dispatch import attention_received, attention_rows, backend_for, cosine_to_pivots, kcenter_select
 
-__all__ = ["attention_rows", "backend_for", "cosine_to_pivots", "kcenter_select"]
+__all__ = ["attention_received", "attention_rows", "backend_for", "cosine_to_pivots", "kcenter_select"]

@@ -6,9 +6,9 @@ interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported: how 
 kernels without a GPU). Stages and integrations call only the functions here.
 
 triton is imported only once the Triton path is taken, so ``import vtoken.kernels`` works without it.
-The kernel modules are named after the kernels' subject (``attention``, ``similarity``, ``kcenter``)
-rather than after these functions: importing a submodule binds its name on the package, which would
-otherwise replace the exported function of the same name.
+The kernel modules are named after the kernels' subject (``attention``, ``received_attention``,
+``similarity``, ``kcenter``) rather than after these functions: importing a submodule binds its name on
+the package, which would otherwise replace the exported function of the same name.
 """
 
 from __future__ import annotations
@@ -63,6 +63,18 @@ def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask
 
         return attention_rows_triton(q, k, scale=scale, key_mask=key_mask, causal_limit=causal_limit)
     return reference.attention_rows(q, k, scale=scale, key_mask=key_mask, causal_limit=causal_limit)
+
+
+def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None,
+                       key_mask: Tensor | None = None) -> Tensor:
+    """The attention each key receives, mean over query heads and query rows: ``[B, N]`` float32 (the
+    column means of the head-averaged map, never built). See ``reference.attention_received``."""
+    _check_attention_args(q, k, key_mask, None)
+    if backend_for(q) == "triton":
+        from .received_attention import attention_received_triton
+
+        return attention_received_triton(q, k, scale=scale, key_mask=key_mask)
+    return reference.attention_received(q, k, scale=scale, key_mask=key_mask)
 
 
 def cosine_to_pivots(x: Tensor, pivots: Tensor) -> Tensor:

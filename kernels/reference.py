@@ -42,6 +42,27 @@ def attention_rows(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask
     return probs.mean(dim=1)
 
 
+#: query rows per block of ``attention_received``: the reference holds [B, H, rows, N] at a time
+RECEIVED_QUERY_BLOCK = 256
+
+
+def attention_received(q: Tensor, k: Tensor, *, scale: float | None = None,
+                       key_mask: Tensor | None = None) -> Tensor:
+    """The attention each key receives, mean over query heads and query rows: ``[B, N]`` float32,
+    i.e. the column means of the head-averaged map softmax(q k^T * scale) of ``[B, Q, N]``.
+
+    q ``[B, Hq, Q, d]``; k ``[B, Hk, N, d]`` (Hq a multiple of Hk); key_mask ``[B, N]`` as in
+    ``attention_rows``. Every query row counts in the mean (a row with no allowed key adds 0). The map
+    is never built: ``RECEIVED_QUERY_BLOCK`` query rows at a time, so memory grows as N, not N x N.
+    """
+    batch, rows = q.shape[0], q.shape[2]
+    total = torch.zeros(batch, k.shape[2], dtype=torch.float32, device=q.device)
+    for start in range(0, rows, RECEIVED_QUERY_BLOCK):
+        block = q[:, :, start:start + RECEIVED_QUERY_BLOCK]
+        total += attention_rows(block, k, scale=scale, key_mask=key_mask).sum(dim=1)
+    return total / max(rows, 1)
+
+
 def cosine_to_pivots(x: Tensor, pivots: Tensor) -> Tensor:
     """Cosine similarity of every token to every pivot: x ``[B, N, D]``, pivots ``[B, P, D]`` ->
     ``[B, P, N]`` float32: x.p / (max(||x||, COSINE_EPS) * max(||p||, COSINE_EPS)), i.e.
