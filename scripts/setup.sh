@@ -2,8 +2,11 @@
 # Create a virtual environment and install vtoken into it:
 #   scripts/setup.sh          .venv, runtime
 #   scripts/setup.sh dev      .venv, everything the tests use
-#   scripts/setup.sh lowest   .venv-lowest: the tests' core with the LOWEST transformers vtoken supports
-#                             (the lower bound in pyproject.toml), for CI's second environment
+#   scripts/setup.sh lowest   .venv-lowest: the LOWEST transformers vtoken supports (the lower bound in
+#                             pyproject.toml) layered over .venv (run `dev` first), for CI's second
+#                             environment. Only what that transformers needs differently is installed
+#                             there; torch and the rest (about 5 GB) come from .venv, which a second
+#                             full copy would not fit beside on CI's disk.
 # torch 2.14.1 + torchvision 0.29.1 are the pinned pair (torchvision is needed by timm, open_clip and the
 # Qwen processors); on a CPU-only machine the same wheels run on the CPU.
 set -euo pipefail
@@ -11,6 +14,20 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 venv=.venv
 [ "$extras" = "lowest" ] && venv=.venv-lowest
+if [ "$extras" = "lowest" ]; then
+  [ -x .venv/bin/python ] || { echo "setup.sh lowest layers over .venv: run scripts/setup.sh dev first" >&2; exit 2; }
+  python3 -m venv "$venv"
+  base=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  own=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # addsitedir (not a bare path line) so .venv's own .pth files, vtoken's editable finder among them,
+  # work here too; .venv's directory comes after this venv's, so what is installed here wins.
+  echo "import site; site.addsitedir('$base')" > "$own/zz_over_main_venv.pth"
+  lowest=$(grep -oE '"transformers>=[0-9.]+' pyproject.toml | grep -oE '[0-9.]+$')
+  "$venv/bin/python" -m pip install -q --no-cache-dir "transformers==${lowest}.*"
+  # vtoken itself again, without dependencies, for a `vtoken` console script that runs this Python.
+  "$venv/bin/python" -m pip install -q --no-cache-dir --no-deps -e .
+  exit 0
+fi
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
@@ -18,10 +35,6 @@ case "$extras" in
   dev)
     "$venv/bin/python" -m pip install -q -e ".[dev,kernels,timm,clip,eval,demo]"
     if [ -f scripts/install_browser.sh ]; then bash scripts/install_browser.sh; fi
-    ;;
-  lowest)
-    lowest=$(grep -oE '"transformers>=[0-9.]+' pyproject.toml | grep -oE '[0-9.]+$')
-    "$venv/bin/python" -m pip install -q -e ".[dev,kernels,timm,clip]" "transformers==${lowest}.*"
     ;;
   *)
     "$venv/bin/python" -m pip install -q -e .
