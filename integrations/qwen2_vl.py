@@ -42,6 +42,7 @@ from vtoken.sites import Site
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
+from .projector_signals import encoder_attn_blocks
 from .qwen_vision import QwenVisionSites, received_attention
 
 VIDEO_BUDGETS = ("clip", "frame")
@@ -75,7 +76,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
 
     chat_content: ClassVar[str] = "<|vision_start|>{image}<|vision_end|>{question}"
     site_signals: ClassVar[dict[str, frozenset[str]]] = {
-        "vision": signals.VISION, "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
+        "vision": signals.VISION, "llm": signals.LLM,
+        "projector": frozenset({signals.CLS_ATTN, signals.ENCODER_ATTN, signals.PROMPT_TEXT}),
     }
 
     def site_layers(self) -> dict[str, int]:
@@ -120,16 +122,23 @@ class Qwen2VLIntegration(HFVisionLanguage):
             if block is not None:
                 handle = self.vision().blocks[block].register_forward_pre_hook(_capture_call(captured),
                                                                                with_kwargs=True)
+            attn_blocks = self._encoder_attn_blocks(signals)  # HiPrune's object and deep blocks
+            attn_captured: list[dict[str, Any]] = [{} for _ in attn_blocks]
+            attn_handles = [self.vision().blocks[b].register_forward_pre_hook(_capture_call(store), with_kwargs=True)
+                            for b, store in zip(attn_blocks, attn_captured)]
             try:
                 features, pruned = self._visual_features(kind, pixels, grid_thw)
             finally:
-                if handle is not None:
-                    handle.remove()
+                for one in [handle, *attn_handles]:
+                    if one is not None:
+                        one.remove()
             scores = [None] * len(features)
+            start = clock(pixels.device)
             if block is not None:
-                start = clock(pixels.device)
                 scores = self._received_attention(block, captured, grid_thw)
-                scoring += clock(pixels.device) - start
+            attn = [torch.stack(columns, -1) for columns in zip(*[
+                self._received_attention(b, store, grid_thw) for b, store in zip(attn_blocks, attn_captured)])]
+            scoring += clock(pixels.device) - start
             if pruned is not None:  # pruned inside the tower: one unit per image or clip
                 for item, (index, grid) in enumerate(pruned):
                     blocks.append(VisualBlock(token_id=token_id, size=int(grid_thw[item].prod()) // merge**2))
@@ -143,6 +152,8 @@ class Qwen2VLIntegration(HFVisionLanguage):
                 for frame in range(frames):
                     span = slice(frame * per_frame, (frame + 1) * per_frame) if frames > 1 else slice(None)
                     signal = {} if scores[item] is None else {"cls_attn": scores[item][span]}
+                    if attn:
+                        signal["encoder_attn"] = attn[item][span]
                     slots = torch.arange(features[item].shape[0], device=features[item].device)[span]
                     units.append(VisualUnit(
                         block=len(blocks) - 1, features=features[item][span],
@@ -154,7 +165,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
         """Merged features per image or clip, and, after vision(L) pruning, each one's surviving merge
         groups (original index, grid). The tower is called directly then: the model's own helper
         splits its output by the unpruned sizes."""
-        if self.encoder_sites is None:
+        if getattr(self, "encoder_sites", None) is None:  # unwrapped (Integration.for_model) or no vision(L)
             output = getattr(self.model.model, f"get_{kind}_features")(pixels, grid_thw, return_dict=True)
             return list(output.pooler_output), None
         output = self.vision()(pixels.type(self.vision().dtype), grid_thw=grid_thw)
@@ -177,6 +188,14 @@ class Qwen2VLIntegration(HFVisionLanguage):
             raise ValueError(f"cls_attn layer {requested[0]} is not a vision block; accepted: 0..{blocks - 1} "
                              f"(full-attention blocks: {full})")
         return block
+
+    def _encoder_attn_blocks(self, signals: dict[str, dict]) -> list[int]:
+        """The blocks of ``encoder_attn`` (HiPrune): by default layer 16 of Qwen2.5-VL's 32 (half the depth)
+        and the last block, whose output the merger reads."""
+        if "encoder_attn" not in signals:
+            return []
+        depth = len(self.vision().blocks)
+        return encoder_attn_blocks(signals["encoder_attn"], depth, 1 / 2, depth - 1, self.family)
 
     def _received_attention(self, index: int, captured: dict[str, Any], grid_thw: Tensor) -> list[Tensor]:
         """Mean attention each merged token's patches receive in block ``index``, per image, in the
@@ -317,14 +336,19 @@ class Qwen2VLIntegration(HFVisionLanguage):
         return VisualCounts(images=images, patches=patches, tokens=tokens)
 
     def run_vision(self, inputs: dict[str, Any]) -> Any:
-        """The tower and merger on the images and the clips: their features, images first."""
+        """The tower and merger on the images and the clips, as the wrapped forward runs them (vision(L)
+        sites included, in a call of their own): their features, images first."""
         features: list[Tensor] = []
-        with torch.no_grad():
-            for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                               ("video", "pixel_values_videos", "video_grid_thw")):
-                if inputs.get(pixels_key) is not None:
-                    get = getattr(self.model.model, f"get_{kind}_features")
-                    features += list(get(inputs[pixels_key], inputs[grid_key]).pooler_output)
+        call = self.begin_call("vision") if getattr(self, "encoder_sites", None) is not None else None
+        try:
+            with torch.no_grad():
+                for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                                   ("video", "pixel_values_videos", "video_grid_thw")):
+                    if inputs.get(pixels_key) is not None:
+                        features += self._visual_features(kind, inputs[pixels_key], inputs[grid_key])[0]
+        finally:
+            if call is not None:
+                self.end_call(call)
         return features
 
     def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:

@@ -166,6 +166,56 @@ def test_llm_site_oracle_replays_the_selection_exactly():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vision_site_oracle_replays_the_selection_exactly(family):
+    """The vision(L) oracle's tower, wrapped with the fixed replay, gives the method's vision features
+    (the tokens kept at block L and everything after) without scoring anything."""
+    import contextlib
+
+    model = tiny_llava() if family == "llava" else tiny_qwen("2")
+    batch = one_prompt() if family == "llava" else Integration.for_model(model).synthetic_inputs(
+        8, 1, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    layer = 0 if family == "llava" else 1  # the tiny LLaVA tower reads block 1: vision(0) is its only site
+    method = f"cls_attn@vision({layer})" if family == "llava" else f"kcenter@vision({layer})"
+    with vtoken.wrapped(model, method, keep=16), torch.no_grad():
+        captured = bench.oracle_inputs(model, batch)
+        family_ = model.vtoken.integration
+        expected = family_.run_vision(batch)
+        kept = {site: list(value) for site, value in model.vtoken.stats.kept.items()}
+        assert kept and all(len(value) for value in kept.values())
+        oracle = bench.vision_oracle(family_, batch, captured, kept, [vtoken.Site("vision", layer)],
+                                     contextlib.nullcontext)
+        vtoken.unwrap(model)
+        with oracle["around_vision"]():
+            assert model.vtoken.pipeline.stages[0].name == "fixed"
+            got = oracle["vision"]()
+        vtoken.wrap(model, method, keep=16)
+    expected, got = torch.cat(list(expected)), torch.cat(list(got))
+    assert got.shape == expected.shape and got.shape[0] == 16
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_site_flops_count_each_block_at_the_tokens_it_sees():
+    from vtoken.stats import StageRecord
+
+    dims = flops.ModelDims(flops.VisionDims(layers=4, hidden=8, intermediate=16, patch_dim=12, prefix=1),
+                           flops.ProjectorDims(in_dim=8, hidden=8, out_dim=8), None)
+    record = StageRecord(stage="x", site="vision(1)", tokens_in=36, tokens_out=9)
+    assert bench.vision_layer_tokens(dims, 36, [record]) == [37, 37, 10, 10]
+    later = StageRecord(stage="y", site="vision(-1)", tokens_in=9, tokens_out=4)
+    assert bench.vision_layer_tokens(dims, 36, [record, later]) == [37, 37, 10, 10]
+    assert bench.vision_layer_tokens(dims, 36, []) is None
+
+
+def test_bench_gives_vision_sites_an_oracle_and_fewer_vision_flops():
+    result = bench.run_bench(tiny_llava(), methods=["cls_attn@vision(0)"], budgets=[16], runs=1, warmup=0,
+                             decode_tokens=0, out=None, progress=False)
+    base, pruned = result["rows"]
+    assert pruned["oracle_kind"] == "fixed selection at vision(0)" and pruned["oracle_ms"] is not None
+    assert pruned["measured_over_oracle"] is not None
+    assert pruned["gflops_vision"] < base["gflops_vision"]
+
+
 # --- the bench end to end -------------------------------------------------------------------------
 def test_bench_writes_its_files_with_the_expected_columns(tmp_path):
     result = bench.run_bench(tiny_llava(), methods=["kcenter", "dart@llm(2)"], budgets=[16, 36], runs=1,

@@ -12,7 +12,9 @@ measured in the same run as its oracle:
   head on the exact ``inputs_embeds`` / ``attention_mask`` / ``position_ids`` the wrapped model fed its
   language model (captured once by a forward pre-hook). ``llm(K)`` pipelines: the same, with the
   decoder pruned at layer K by a fixed stage that replays the selection the method made (no signals,
-  no selection work). Timed runs of the method and of the oracle alternate, so both see the same
+  no selection work). ``vision(L)`` pipelines: the tower with fixed stages replaying the method's
+  kept tokens at each vision(L) site (blocks after L run on those tokens only; nothing is scored),
+  then the language model on the captured input. Timed runs of the method and of the oracle alternate, so both see the same
   machine load;
 - the unpruned model: its timed runs alternate with each method's too, and every ratio in the table
   (speed-up, oracle speed-up, total speed-up, measured / oracle) is the median of per-pair ratios; a
@@ -22,7 +24,8 @@ measured in the same run as its oracle:
 - decode: tokens/s of ``generate()`` after the first token, and the whole ``generate()`` time;
 - peak memory (CUDA max allocated, or the process's peak RSS on CPU) and the KV-cache bytes after
   prefill, read from the cache itself;
-- analytic FLOPs split into vision / projector / LLM (``vtoken.flops``), and the FLOPs-ideal speed-up.
+- analytic FLOPs split into vision / projector / LLM (``vtoken.flops``; each encoder block counted at
+  the tokens it sees after ``vision(L)`` pruning), and the FLOPs-ideal speed-up.
 
 Inputs are synthetic: random pixels and random text ids around the image placeholders (the token
 counts are what matters for speed). Outputs: ``results.json``, ``results.csv`` and plots in ``--out``;
@@ -40,15 +43,16 @@ from __future__ import annotations
 
 from ..grid import MethodSpec
 from .cli import add_arguments, command_line, run, split_list
-from .measure import Workload, measure_baseline, measure_method
-from .oracle import FixedKeep, llm_oracle, oracle_inputs, pre_llm_oracle, run_language_model
+from .measure import Workload, measure_baseline, measure_method, vision_layer_tokens
+from .oracle import FixedKeep, llm_oracle, oracle_inputs, pre_llm_oracle, run_language_model, vision_oracle
 from .report import CSV_COLUMNS, format_table, plot_results, write_results
 from .runner import DEFAULT_BUDGETS, DEFAULT_METHODS, embedded_model_path, run_bench, workload
 from .scaling import SCALING_COLUMNS, format_scaling, run_scaling, scaling_defaults
 from .timing import cache_bytes, paired_ratio, spread
 
 __all__ = ["add_arguments", "run", "run_bench", "command_line", "split_list", "workload", "Workload",
-           "measure_baseline", "measure_method", "oracle_inputs", "pre_llm_oracle", "llm_oracle",
+           "measure_baseline", "measure_method", "oracle_inputs", "pre_llm_oracle", "llm_oracle", "vision_oracle",
+           "vision_layer_tokens",
            "run_language_model", "FixedKeep", "cache_bytes", "CSV_COLUMNS", "format_table", "write_results",
            "plot_results", "embedded_model_path", "MethodSpec", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "run_scaling",
            "format_scaling", "scaling_defaults", "SCALING_COLUMNS", "paired_ratio", "spread"]

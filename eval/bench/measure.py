@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from vtoken.flops import ModelDims, VisualCounts, prefill_flops
+from vtoken.sites import Site
 
-from .oracle import LMInputs, llm_oracle, pre_llm_oracle
+from .oracle import LMInputs, llm_oracle, pre_llm_oracle, vision_oracle
 from .report import CSV_COLUMNS
 from .timing import cache_bytes, generate_stats, output_cache, paired_ratio, prefill, rounded, spread, time_runs
 
@@ -125,8 +126,15 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
             selection.append((sum(r.scoring_ms for r in records), sum(r.select_ms for r in records)))
             return result
 
-        if has_vision_site:
-            oracle, oracle_kind = None, "n/a (vision(L) site)"
+        vision_sites = [site for site in sites if site.kind == "vision"]
+        around = {"baseline": lambda: unpruned(model, spec, keep)}
+        if has_vision_site and len(vision_sites) < len(sites):
+            oracle, oracle_kind = None, "n/a (vision(L) with another site)"
+        elif has_vision_site:
+            oracle = vision_oracle(work.family, inputs, seen.kwargs, kept, vision_sites,
+                                   lambda: unpruned(model, spec, keep))
+            oracle_kind = "fixed selection at " + ",".join(map(str, vision_sites))
+            around["oracle_vision"] = oracle["around_vision"]
         elif llm_sites:
             oracle = llm_oracle(work.family, inputs, seen.kwargs, prefill_call, kept, llm_sites)
             oracle_kind = "fixed selection at " + ",".join(map(str, llm_sites))
@@ -136,8 +144,7 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
         if oracle is not None:
             jobs.update(oracle_vision=oracle["vision"], oracle_llm=oracle["llm"])
         try:  # the baseline runs on the unwrapped model (the llm(K) oracle's inert hooks stay on its decoder)
-            times = time_runs(jobs, runs, warmup, work.device, warmed=["prefill"],
-                              around={"baseline": lambda: unpruned(model, spec, keep)})
+            times = time_runs(jobs, runs, warmup, work.device, warmed=["prefill"], around=around)
         finally:
             if oracle is not None and "remove" in oracle:
                 oracle["remove"]()
@@ -244,15 +251,36 @@ def _visual_in_llm(work: Workload, lm_kwargs: dict[str, Any]) -> int:
 def _flops(work: Workload, layer_visual: Sequence[int], vision_site: bool = False,
            records: Sequence = ()) -> dict[str, Any]:
     images = work.counts.images
-    projector_tokens = None
+    projector_tokens, vision_tokens = None, None
     if vision_site:  # the projector sees what the tower kept
         outs = [r.tokens_out for r in records if r.site.startswith("vision")]
         if outs:
             projector_tokens = images * min(outs)
+        vision_tokens = vision_layer_tokens(work.dims, work.counts.patches, records)
     split = prefill_flops(work.dims, patches=work.counts.patches, images=images,
                           text_tokens=work.text_tokens, layer_visual_tokens=layer_visual,
-                          projector_tokens=projector_tokens)
+                          projector_tokens=projector_tokens, vision_layer_tokens=vision_tokens)
     return {f"gflops_{name}": round(value / 1e9, 3) for name, value in split.items()}
+
+
+def vision_layer_tokens(dims: Any, patches: int, records: Sequence) -> list[int] | None:
+    """Tokens per image (prefix included) each encoder block sees when ``vision(L)`` stages prune inside
+    the tower: block L itself still runs on what reached it, the blocks after it on what L kept. A site's
+    units are the projector's groups (Qwen: 2x2 merge groups of 4 patches), hence the factor."""
+    vision, group = dims.vision, dims.projector.group
+    cuts = {}
+    for record in records:  # the last stage at a site leaves what the next block sees
+        site = Site.parse(record.site)
+        if site.kind == "vision":
+            cuts[site.layer % vision.layers] = record.tokens_out
+    if not cuts:
+        return None
+    tokens, seen = [], vision.prefix + patches
+    for index in range(vision.layers):
+        tokens.append(seen)
+        if index in cuts:
+            seen = vision.prefix + cuts[index] * group
+    return tokens
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

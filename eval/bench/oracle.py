@@ -3,13 +3,16 @@
 The vision part runs on the pixels in full, as the method runs it (``Integration.run_vision``); the
 language model and the LM head run on the exact input the wrapped model fed its language model
 (captured once by a forward pre-hook). For ``llm(K)`` pipelines the decoder is pruned at layer K by a
-fixed stage that replays the selection the method made (no signals, no selection work).
+fixed stage that replays the selection the method made (no signals, no selection work); for
+``vision(L)`` pipelines the tower is, in the same way: it runs with the method's kept tokens from block L
+on and computes no signal.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -71,6 +74,44 @@ def llm_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any], c
     return {"vision": vision, "llm": llm, "remove": sites.remove}
 
 
+def vision_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any], kept: dict[str, list],
+                  vision_sites: list, method: Any) -> dict[str, Any]:
+    """A pipeline of ``vision(L)`` sites only: the vision part runs on the model wrapped with fixed stages
+    that replay, at each site, the positions the method kept there (the encoder from block L on sees
+    exactly the method's tokens; nothing is scored or selected); the language model and LM head run on
+    the captured input. ``around`` swaps the method's wrap for the fixed one around each vision run,
+    outside the timed part. ``method``: a context-manager factory that re-wraps the model as the method
+    (the bench's ``unpruned``)."""
+    import vtoken
+
+    stages = []
+    for site in vision_sites:
+        indices = kept.get(str(site))
+        if not indices or any(i is None for i in indices):
+            raise RuntimeError(f"no kept positions recorded at {site}")
+        rows = torch.stack(list(indices))
+        stages.append(FixedKeep(keep=int(rows.shape[1]), site=str(site), indices=rows))
+    fixed = vtoken.Pipeline(stages)
+    model, lm = family.model, family.language_model()
+
+    @contextlib.contextmanager
+    def replayed() -> Iterator[None]:
+        with method():  # the method's hooks off ...
+            vtoken.wrap(model, fixed)  # ... the replay's on
+            try:
+                yield
+            finally:
+                vtoken.unwrap(model)
+
+    def vision() -> Any:  # the replay's integration: its sites run the tower as the method's did
+        return model.vtoken.integration.run_vision(inputs)
+
+    def llm() -> Any:
+        return run_language_model(model, lm, lm_kwargs)
+
+    return {"vision": vision, "llm": llm, "around_vision": replayed}
+
+
 def run_language_model(model: Any, lm: torch.nn.Module, lm_kwargs: dict[str, Any]) -> Tensor:
     """The language model on captured inputs, fresh cache, then the LM head on the last position:
     logits ``[B, 1, V]`` (the prefill of ``generate()``)."""
@@ -90,7 +131,8 @@ class FixedKeep(Stage):
     indices: Any = None
 
     name: ClassVar[str] = "fixed"
-    site_kinds: ClassVar[tuple[str, ...]] = ("projector", "llm")
+    site_kinds: ClassVar[tuple[str, ...]] = ("vision", "projector", "llm")
+    default_site: ClassVar[str | None] = "projector"
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         indices = self.indices.to(tokens.features.device)
