@@ -36,6 +36,7 @@ from vtoken.flops import ModelDims, ProjectorDims, VisionDims, llm_dims_from_con
 from vtoken.registry import register_integration
 
 from .decoder_tensors import cache_of
+from .hf_vlm import Encoded
 from .qwen2_vl import Qwen2VLIntegration
 
 #: a per-position input of the prepared prefill: each visual position's row in the DeepStack features
@@ -81,6 +82,27 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
 
     def extra_sequence_inputs(self) -> tuple[str, ...]:
         return ("mm_token_type_ids", DEEPSTACK_INDEX)
+
+    def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> Encoded:
+        """Qwen2-VL's units (every image, then every clip or frame), put in placeholder order: row by row,
+        in the order the images and clips appear, so that a row's selections are recorded the same in a
+        batch and alone when a prompt mixes images and videos."""
+        encoded = super().encode_images(inputs, signals)
+        ids = inputs.get("input_ids")
+        if ids is None or len(encoded.units) < 2:
+            return encoded
+        flat = ids.flatten()
+        start_of: dict[int, int] = {}  # each block's first placeholder, row-major over the batch
+        for token_id in dict.fromkeys(block.token_id for block in encoded.blocks):
+            positions = (flat == token_id).nonzero()[:, 0].tolist()
+            offset = 0
+            for b, block in enumerate(encoded.blocks):
+                if block.token_id == token_id:
+                    start_of[b] = positions[offset] if offset < len(positions) else flat.numel()
+                    offset += block.size
+        order = sorted(range(len(encoded.units)), key=lambda i: (start_of[encoded.units[i].block], i))
+        encoded.units = [encoded.units[i] for i in order]
+        return encoded
 
     # --- DeepStack -------------------------------------------------------------------------------
     def _visual_features(self, kind: str, pixels: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list | None]:

@@ -22,10 +22,12 @@ from tiny_models import (
     BOS,
     IMAGE_TOKEN,
     PAD,
+    Q3_TIME,
     Q_END,
     Q_IMAGE,
     Q_PATCH,
     Q_START,
+    Q_VIDEO,
     tiny_llava_next,
     tiny_qwen,
     tiny_qwen3_5,
@@ -171,6 +173,48 @@ def qwen_inputs(model, rows: list, side: str) -> dict:
         span = slice(width - len(row_kinds), width) if side == "left" else slice(0, len(row_kinds))
         types[row, span] = torch.tensor(row_kinds, dtype=torch.int)
     batch.update(mm_token_type_ids=types, pixel_values=torch.cat(pixels), image_grid_thw=torch.tensor(grids))
+    return batch
+
+
+# --- Qwen3-VL / Qwen3.5: several images and videos per prompt -----------------------------------------
+def qwen3_inputs(model, rows: list, side: str) -> dict:
+    """Rows of items: an int (a text token), ("image", h, w, seed) or ("video", t, h, w, seed), sizes in
+    patches. A video is written as Qwen3-VL's processor writes it: per frame (temporal patch) a timestamp
+    token and its own <vision_start> run <vision_end>."""
+    sequences, kinds = [], []
+    image_grids, video_grids, image_pixels, video_pixels = [], [], [], []
+    for row in rows:
+        ids, types = [BOS], [0]
+        for item in row:
+            if isinstance(item, int):
+                ids.append(item)
+                types.append(0)
+            elif item[0] == "image":
+                _, h, w, seed = item
+                image_grids.append([1, h, w])
+                image_pixels.append(_pixels(seed, h * w, 3 * 2 * Q_PATCH * Q_PATCH))
+                ids += [Q_START] + [Q_IMAGE] * (h * w // 4) + [Q_END]
+                types += [0] + [1] * (h * w // 4) + [0]
+            else:
+                _, t, h, w, seed = item
+                video_grids.append([t, h, w])
+                video_pixels.append(_pixels(seed, t * h * w, 3 * 2 * Q_PATCH * Q_PATCH))
+                for _ in range(t):
+                    ids += [Q3_TIME, Q_START] + [Q_VIDEO] * (h * w // 4) + [Q_END]
+                    types += [0, 0] + [2] * (h * w // 4) + [0]
+        sequences.append(ids)
+        kinds.append(types)
+    batch = _pad(sequences, side)
+    types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
+    width = types.shape[1]
+    for row, row_kinds in enumerate(kinds):
+        span = slice(width - len(row_kinds), width) if side == "left" else slice(0, len(row_kinds))
+        types[row, span] = torch.tensor(row_kinds, dtype=torch.int)
+    batch["mm_token_type_ids"] = types
+    if image_grids:
+        batch.update(pixel_values=torch.cat(image_pixels), image_grid_thw=torch.tensor(image_grids))
+    if video_grids:
+        batch.update(pixel_values_videos=torch.cat(video_pixels), video_grid_thw=torch.tensor(video_grids))
     return batch
 
 
@@ -335,10 +379,25 @@ CASES: list[Case] = [
          [vision_cls_attn(4), vision_pixel_shuffle()],
          lambda m: m.visual.transformer.resblocks[-1].mlp.c_proj.weight, run=open_clip_clip_run, sides=("none",)),
 ]
-for _case in CASES:
+#: two images of different sizes in one prompt, a 2-frame video (timestamps between its frames), an image and
+#: a video together; each row's prompt length differs
+QWEN3_MULTI_ROWS = [
+    [20, ("image", 4, 4, 51), 30, ("image", 8, 4, 52), 31],
+    [21, 22, ("video", 2, 4, 4, 53), 32],
+    [23, ("image", 4, 8, 54), ("video", 2, 4, 4, 55), 33, 34],
+]
+#: the Qwen3 families with several images and videos per prompt. Not in CASES: test_contract.py's labels
+#: clause lays the labels out for one image per row; tests/test_qwen3_vl.py runs every other clause on
+#: these and a labels clause that follows each kept visual run.
+MULTI_VISUAL_CASES: list[Case] = [
+    Case(f"{case.name}_multi", case.integration, case.model_type, True, case.build_model, QWEN3_MULTI_ROWS,
+         qwen3_inputs, case.stages, lm_head, notes=f"{case.notes}; two images per prompt and videos")
+    for case in CASES if case.integration in ("qwen3_vl", "qwen3_5")
+]
+for _case in CASES + MULTI_VISUAL_CASES:
     if _case.run is None:
         _case.run = vlm_logits
-CASES_BY_NAME = {case.name: case for case in CASES}
+CASES_BY_NAME = {case.name: case for case in CASES + MULTI_VISUAL_CASES}
 
 
 def case_stages(vlm: bool | None = None) -> list:
