@@ -14,8 +14,8 @@ measured in the same run as its oracle:
   decoder pruned at layer K by a fixed stage that replays the selection the method made (no signals,
   no selection work). ``vision(L)`` pipelines: the tower with fixed stages replaying the method's
   kept tokens at each vision(L) site (blocks after L run on those tokens only; nothing is scored),
-  then the language model on the captured input. Timed runs of the method and of the oracle alternate, so both see the same
-  machine load;
+  then the language model on the captured input. Timed runs of the method and of the oracle
+  alternate, so both see the same machine load;
 - the unpruned model: its timed runs alternate with each method's too, and every ratio in the table
   (speed-up, oracle speed-up, total speed-up, measured / oracle) is the median of per-pair ratios; a
   configuration whose runs spread more than ``--max-spread`` (max/min) is flagged for a rerun, and the

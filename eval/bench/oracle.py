@@ -53,14 +53,7 @@ def llm_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any], c
     if call is None:
         raise RuntimeError("the llm(K) site recorded no prefill; cannot build its oracle")
     visual, units, mask = call.visual, call.units, call.attention_mask
-    fixed = []
-    for site in llm_sites:
-        indices = kept.get(str(site))
-        if not indices or any(i is None for i in indices):
-            raise RuntimeError(f"no kept positions recorded at {site}")
-        rows = torch.stack(list(indices))
-        per_unit = rows.shape[1] // max(int(units.max()), 1)
-        fixed.append(FixedKeep(keep=per_unit, site=str(site), indices=rows))
+    fixed = replay_stages(kept, llm_sites, units_per_row=max(int(units.max()), 1))
     model, lm = family.model, family.language_model()
     sites = DecoderSites(vtoken.Pipeline(fixed), llm_sites, CallKey(), language_model=lm)
 
@@ -84,14 +77,7 @@ def vision_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any]
     (the bench's ``unpruned``)."""
     import vtoken
 
-    stages = []
-    for site in vision_sites:
-        indices = kept.get(str(site))
-        if not indices or any(i is None for i in indices):
-            raise RuntimeError(f"no kept positions recorded at {site}")
-        rows = torch.stack(list(indices))
-        stages.append(FixedKeep(keep=int(rows.shape[1]), site=str(site), indices=rows))
-    fixed = vtoken.Pipeline(stages)
+    fixed = vtoken.Pipeline(replay_stages(kept, vision_sites))
     model, lm = family.model, family.language_model()
 
     @contextlib.contextmanager
@@ -110,6 +96,19 @@ def vision_oracle(family: Any, inputs: dict[str, Any], lm_kwargs: dict[str, Any]
         return run_language_model(model, lm, lm_kwargs)
 
     return {"vision": vision, "llm": llm, "around_vision": replayed}
+
+
+def replay_stages(kept: dict[str, list], sites: list, units_per_row: int = 1) -> list["FixedKeep"]:
+    """One fixed stage per site replaying the positions the method kept there (``stats.kept``: one entry
+    per row); its budget is per unit, so a row holding ``units_per_row`` images divides its count."""
+    stages = []
+    for site in sites:
+        indices = kept.get(str(site))
+        if not indices or any(i is None for i in indices):
+            raise RuntimeError(f"no kept positions recorded at {site}")
+        rows = torch.stack(list(indices))
+        stages.append(FixedKeep(keep=int(rows.shape[1]) // units_per_row, site=str(site), indices=rows))
+    return stages
 
 
 def run_language_model(model: Any, lm: torch.nn.Module, lm_kwargs: dict[str, Any]) -> Tensor:

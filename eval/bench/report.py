@@ -131,11 +131,17 @@ def table_head(title: str, result: dict[str, Any], header: str) -> list[str]:
     return [title, machine_line(result), header, "-" * len(header)]
 
 
+def header_line(columns: list[tuple[str, int]]) -> str:
+    """Column titles at their widths; a negative width aligns the title left (text columns)."""
+    return " ".join(f"{title:<{-width}}" if width < 0 else f"{title:>{width}}" for title, width in columns)
+
+
 def format_table(result: dict[str, Any]) -> str:
     max_spread = result.get("max_spread", MAX_SPREAD)
-    header = (f"{'method':<23} {'keep':>5} {'LLM vis':>9} {'prefill ms':>10} {'min-max':>15} {'oracle ms':>9} "
-              f"{'speedup':>7} {'oracle':>6} {'FLOPs':>6} {'meas/or':>7} {'total':>6} {'spread':>6} {'sel %':>6} "
-              f"{'dec tok/s':>9} {'peak MB':>8} {'KV MB':>7} {'GFLOPs v/p/llm':>20}")
+    header = header_line([("method", -23), ("keep", 5), ("LLM vis", 9), ("prefill ms", 10), ("min-max", 15),
+                          ("oracle ms", 9), ("speedup", 7), ("oracle", 6), ("FLOPs", 6), ("meas/or", 7), ("total", 6),
+                          ("spread", 6), ("sel %", 6), ("dec tok/s", 9), ("peak MB", 8), ("KV MB", 7),
+                          ("GFLOPs v/p/llm", 20)])
     lines = table_head(f"{result['model']} | {result['device']} | {result['dtype']} | threads {result['threads']} | "
                        f"{result['runs']} runs after {result['warmup']} warm-up | text tokens {result['text_tokens']}",
                        result, header)

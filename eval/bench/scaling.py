@@ -19,7 +19,7 @@ import torch
 
 from ..grid import method_grid
 from .measure import measure_baseline, measure_method, relative_to
-from .report import MAX_SPREAD, _fmt, flagged, spread_footer, table_head, write_json_and_csv
+from .report import MAX_SPREAD, _fmt, flagged, header_line, spread_footer, table_head, write_json_and_csv
 from .runner import check_counts, load_model, setup_machine, workload
 from .system import run_facts
 
@@ -168,9 +168,9 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path:
 
 def format_scaling(result: dict[str, Any]) -> str:
     max_spread = result.get("max_spread", MAX_SPREAD)
-    header = (f"{'tokens':>6} {'batch':>5} {'method':<16} {'keep':>5} {'prefill ms':>10} {'base ms':>9} "
-              f"{'speedup':>7} {'oracle':>6} {'meas/or':>7} {'spread':>6} {'sel ms':>7} {'sel %':>6} "
-              f"{'peak MB':>8} {'KV MB':>7} {'gen tok/s':>9}")
+    header = header_line([("tokens", 6), ("batch", 5), ("method", -16), ("keep", 5), ("prefill ms", 10),
+                          ("base ms", 9), ("speedup", 7), ("oracle", 6), ("meas/or", 7), ("spread", 6),
+                          ("sel ms", 7), ("sel %", 6), ("peak MB", 8), ("KV MB", 7), ("gen tok/s", 9)])
     lines = table_head(f"{result['model']} | {result['device']} | {result['dtype']} | {result['runs']} paired runs "
                        f"after {result['warmup']} warm-up | {result['generate_runs']} generate() pair(s) of "
                        f"{1 + result['decode_tokens']} tokens | text tokens {result['text_tokens']}", result, header)
