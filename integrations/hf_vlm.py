@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor
 
+from vtoken import signals
 from vtoken.sequence import gather_sequence, mask_positions, pack_rows, padding_side
 from vtoken.sites import Site
 from vtoken.stats import Stats
@@ -35,6 +36,7 @@ from .generation import (
     wants_cache,
 )
 from .grouping import run_in_groups
+from .projector_signals import prompt_text
 from .visual_blocks import Encoded, Prefill, VisualBlock, VisualUnit, assemble_blocks, blocks_per_row
 from .vit_sites import EncoderLayout, EncoderSites
 
@@ -155,6 +157,13 @@ class HFVisionLanguage(Integration):
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector", "llm")
 
+    def provided_signals(self, site: Site) -> frozenset[str]:
+        offered = super().provided_signals(site)
+        if site.kind == "projector" and any(s.kind == "vision" for s in self.pipeline.sites):
+            # after vision(L) pruning, the encoder layers score a shorter sequence than the projector receives
+            return offered - {signals.ENCODER_ATTN}
+        return offered
+
     # --- a forward call ----------------------------------------------------------------------------
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         call = self.current_call()
@@ -274,8 +283,11 @@ class HFVisionLanguage(Integration):
             raise ValueError("vtoken needs input_ids to locate the image tokens; pass input_ids, not inputs_embeds")
         projector = Site("projector")
         run_projector = projector in self.pipeline.sites
-        encoded = self.encode_images(inputs, self.pipeline.signals_at(projector) if run_projector else {})
-        kept = self._run_projector(encoded, projector if run_projector else None, call.stats)
+        wanted = self.pipeline.signals_at(projector) if run_projector else {}
+        encoded = self.encode_images(inputs, wanted)
+        texts = prompt_text(self.model, input_ids, inputs.get("attention_mask"), encoded) \
+            if signals.PROMPT_TEXT in wanted else None
+        kept = self._run_projector(encoded, projector if run_projector else None, call.stats, texts)
 
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
@@ -337,11 +349,13 @@ class HFVisionLanguage(Integration):
                                                       attention_mask=out.get("attention_mask")))
         return out
 
-    def _run_projector(self, encoded: Encoded, site: Site | None, stats: Stats) -> list[tuple[Tensor, Tensor]]:
+    def _run_projector(self, encoded: Encoded, site: Site | None, stats: Stats,
+                       texts: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
         """Per unit: the features that stay ``[K, D]`` and the block slots they go to ``[K]``.
 
-        Units of the same size and grid are selected together in one batch; stages treat rows
-        independently, so this gives the same result as one unit at a time.
+        Units of the same size and grid (and instruction length, when ``texts`` holds each unit's
+        ``prompt_text``) are selected together in one batch; stages treat rows independently, so this
+        gives the same result as one unit at a time.
         """
         units = encoded.units
         if site is None:
@@ -350,7 +364,9 @@ class HFVisionLanguage(Integration):
         for i, unit in enumerate(units):
             if unit.budget == 0:  # a view whose share of a split budget is nothing
                 result[i] = (unit.features[:0], unit.slots()[:0])
-        keys = [None if unit.budget == 0 else (tuple(unit.features.shape), unit.grid, unit.budget) for unit in units]
+        keys = [None if unit.budget == 0 else (tuple(unit.features.shape), unit.grid, unit.budget,
+                                               None if texts is None else texts[i].shape[0])
+                for i, unit in enumerate(units)]
 
         def stacked(members: list[int]) -> TokenSet:
             return TokenSet(
@@ -358,6 +374,7 @@ class HFVisionLanguage(Integration):
                 index=torch.stack([units[i].slots() for i in members]),
                 signals={name: torch.stack([units[i].signals[name] for i in members])
                          for name in units[members[0]].signals},
+                context={} if texts is None else {signals.PROMPT_TEXT: torch.stack([texts[i] for i in members])},
             )
 
         kept_record: list[Tensor | None] = [None] * len(units)

@@ -27,6 +27,7 @@ from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
+from .projector_signals import clip_received_attention, encoder_attn_blocks
 from .vit_sites import EncoderLayout
 
 
@@ -39,7 +40,8 @@ class LlavaIntegration(HFVisionLanguage):
         return self.model.model.language_model
 
     site_signals: ClassVar[dict[str, frozenset[str]]] = {
-        "vision": signals.VISION, "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
+        "vision": signals.VISION, "llm": signals.LLM,
+        "projector": frozenset({signals.CLS_ATTN, signals.ENCODER_ATTN, signals.PROMPT_TEXT}),
     }
 
     def site_layers(self) -> dict[str, int]:
@@ -96,12 +98,13 @@ class LlavaIntegration(HFVisionLanguage):
         strategy = inputs.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
         pixel_values = inputs["pixel_values"]
         wanted_layers = self._cls_layers(signals, layer)
+        attn_blocks = self._encoder_attn_blocks(signals, layer)
         if self.encoder_sites is not None:
             self._check_vision_sites(layer)
         captured: dict[int, Tensor] = {}
         handles = [
             self.vision_layers()[index].register_forward_pre_hook(_capture_into(captured, index), with_kwargs=True)
-            for index in wanted_layers
+            for index in dict.fromkeys(wanted_layers + attn_blocks)
         ]
         try:
             extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
@@ -129,6 +132,9 @@ class LlavaIntegration(HFVisionLanguage):
                 self._cls_row(self.vision_layers()[i], captured[i]) for i in wanted_layers
             ]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
+        if attn_blocks:  # HiPrune's object and deep layers, one column each
+            rows = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i]) for i in attn_blocks], -1)
+            computed["encoder_attn"] = rows[:, 1:] if strategy == "default" else rows
         scoring = clock(features.device) - start
         units = [
             VisualUnit(block=i, features=features[i], grid=grid,
@@ -138,6 +144,14 @@ class LlavaIntegration(HFVisionLanguage):
         ]
         slots = side * side + (1 if strategy != "default" else 0)
         return Encoded.one_block_per_unit(self.image_token_id(), units, slots=slots, scoring_seconds=scoring)
+
+    def _encoder_attn_blocks(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
+        """The blocks of ``encoder_attn`` (HiPrune): by default layer 9 of CLIP-L's 24 (scaled to the depth)
+        and the block that produces the feature layer."""
+        if "encoder_attn" not in signals:
+            return []
+        deep = self._cls_layers({"cls_attn": {}}, feature_layer)[0]
+        return encoder_attn_blocks(signals["encoder_attn"], len(self.vision_layers()), 9 / 24, deep, self.family)
 
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
         """Encoder layer indices whose [CLS] attention is needed (hidden state h comes out of layer h-1)."""

@@ -33,6 +33,7 @@ from vtoken.stats import clock
 
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration, _capture_into
+from .projector_signals import clip_received_attention
 
 ANYRES_BUDGETS = ("global", "view", "guided")
 
@@ -45,6 +46,11 @@ class LlavaNextIntegration(LlavaIntegration):
     def install(self) -> None:
         if self.settings["anyres_budget"] not in ANYRES_BUDGETS:
             raise ValueError(f"anyres_budget={self.settings['anyres_budget']!r}; accepted: {', '.join(ANYRES_BUDGETS)}")
+        gridded = [stage.name for stage in self.pipeline.stages if stage.needs_grid and stage.site.kind == "projector"]
+        if gridded and self.settings["anyres_budget"] == "global":
+            raise ValueError(f"{', '.join(gridded)} at the projector need(s) each view on its patch grid, which an "
+                             "image's tokens as one unit (anyres_budget='global') do not form; pass "
+                             "anyres_budget='view' or 'guided'")
         super().install()
 
     def supported_site_kinds(self) -> tuple[str, ...]:
@@ -60,10 +66,11 @@ class LlavaNextIntegration(LlavaIntegration):
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
         wanted_layers = self._cls_layers(signals, layer)
+        attn_blocks = self._encoder_attn_blocks(signals, layer)
         guided = self.settings["anyres_budget"] == "guided"
         captured: dict[int, Tensor] = {}
         handles = [self.vision_layers()[i].register_forward_pre_hook(_capture_into(captured, i), with_kwargs=True)
-                   for i in wanted_layers]
+                   for i in dict.fromkeys(wanted_layers + attn_blocks)]
         try:
             output = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
@@ -79,6 +86,10 @@ class LlavaNextIntegration(LlavaIntegration):
         if wanted_layers:
             scores = torch.stack([self._cls_row(self.vision_layers()[i], captured[i]) for i in wanted_layers]).mean(0)
             scores = scores[:, 1:]  # [views in the batch, h*w]
+        attn = None
+        if attn_blocks:  # HiPrune's object and deep layers: [views in the batch, h*w, 2]
+            attn = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i])
+                                for i in attn_blocks], -1)[:, 1:]
         scoring = clock(packed[0].device) - start
 
         side = config.vision_config.image_size // config.vision_config.patch_size
@@ -90,6 +101,7 @@ class LlavaNextIntegration(LlavaIntegration):
             view_of = layout[tokens] // (side * side)
             patch_of = layout[tokens] % (side * side)
             signal = None if scores is None else scores[view_offset + view_of, patch_of]
+            attn_signal = None if attn is None else attn[view_offset + view_of, patch_of]
             blocks.append(VisualBlock(token_id=self.image_token_id(), size=features.shape[0], fill=features,
                                       finalize=_newline_rule(layout, side)))
             groups = [tokens] if self.settings["anyres_budget"] == "global" else [
@@ -104,6 +116,8 @@ class LlavaNextIntegration(LlavaIntegration):
                     block=image, features=features[slots], grid=grid, index=slots, budget=budget,
                     signals={} if signal is None else {"cls_attn": signal[positions]},
                 ))
+                if attn_signal is not None:
+                    units[-1].signals["encoder_attn"] = attn_signal[positions]
             view_offset += views
         return Encoded(blocks=blocks, units=units, scoring_seconds=scoring)
 

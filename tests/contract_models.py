@@ -348,8 +348,8 @@ VIT_ROWS = [41, 42, 43]
 
 CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
-         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), vision_cls_attn(8), vision_pixel_shuffle()],
-         lm_head),
+         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), vision_cls_attn(8), vision_pixel_shuffle(),
+          SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))], lm_head),
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
          [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid()], lm_head,
          notes="no vision(L) site: the AnyRes packing needs every view's full grid"),

@@ -19,6 +19,10 @@ LAST_QUERY_ATTN = "last_query_attn"
 KEY_NORM = "key_norm"
 #: the text tokens after the image with their normalised hidden states and key norms (DART's text pivots)
 TEXT_TOKENS = "text_tokens"
+#: attention each patch receives in chosen encoder layers, mean over heads and queries, one column per layer
+ENCODER_ATTN = "encoder_attn"
+#: the language model's input embeddings of the text after a row's last visual token (the instruction)
+PROMPT_TEXT = "prompt_text"
 
 DESCRIPTIONS = {
     CLS_ATTN: "[CLS] attention",
@@ -26,6 +30,8 @@ DESCRIPTIONS = {
     LAST_QUERY_ATTN: "last-prompt-token attention",
     KEY_NORM: "key L1 norms",
     TEXT_TOKENS: "text tokens after the image",
+    ENCODER_ATTN: "attention received in encoder layers",
+    PROMPT_TEXT: "embeddings of the prompt text after the image",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})

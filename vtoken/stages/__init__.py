@@ -1,13 +1,17 @@
 """Built-in stages, one file each; importing this package registers them."""
 
 from .base import Stage
+from .cdpruner import CDPruner
 from .cls_attn import ClsAttn
 from .dart import Dart
 from .fastv import FastV
+from .hiprune import HiPrune
 from .kcenter import KCenter
 from .pixel_shuffle import PixelShuffle
 from .pool import Pool
 from .random import RandomKeep
 from .repshift import RepShift
+from .visionzip import VisionZip
 
-__all__ = ["Stage", "ClsAttn", "Dart", "FastV", "KCenter", "PixelShuffle", "Pool", "RandomKeep", "RepShift"]
+__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "FastV", "HiPrune", "KCenter", "PixelShuffle", "Pool", "RandomKeep",
+           "RepShift", "VisionZip"]
