@@ -1,0 +1,74 @@
+"""Signals the projector site computes for any vision-language model, and helpers the families use for
+their own: ``prompt_text`` (the instruction's input embeddings, CDPruner) and the blocks and scores of
+``encoder_attn`` (the attention each patch receives in chosen encoder layers, HiPrune)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtoken import kernels
+
+from .visual_blocks import Encoded, VisualBlock
+
+#: query rows per attention_rows call in clip_received_attention
+QUERY_CHUNK = 256
+
+def prompt_text(model: Any, input_ids: Tensor, mask: Tensor | None, encoded: Encoded) -> list[Tensor]:
+    """Per unit, the ``prompt_text`` signal: the language model's input embeddings ``[T, D]`` of the text
+    after the last visual placeholder of the unit's row (the instruction, in the usual image-then-question
+    prompt), padding left out. A row whose text all comes before its images gives ``T = 0``."""
+    visual = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in {block.token_id for block in encoded.blocks}:
+        visual |= input_ids == token_id
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    after = positions > torch.where(visual, positions, -1).amax(dim=1, keepdim=True)
+    if mask is not None:
+        after &= mask.bool()
+    embed = model.get_input_embeddings()
+    per_row = [embed(input_ids[row][after[row]]) for row in range(input_ids.shape[0])]
+    return [per_row[row] for row in _block_rows(input_ids, encoded.blocks)]
+
+
+def _block_rows(input_ids: Tensor, blocks: list[VisualBlock]) -> list[int]:
+    """The row of every visual block: blocks of one token id fill that id's placeholders in row order."""
+    rows = [0] * len(blocks)
+    for token_id in dict.fromkeys(block.token_id for block in blocks):
+        mine = iter([b for b, block in enumerate(blocks) if block.token_id == token_id])
+        for row, count in enumerate((input_ids == token_id).sum(1).tolist()):
+            while count > 0:
+                b = next(mine)
+                rows[b] = row
+                count -= blocks[b].size
+    return rows
+
+
+def encoder_attn_blocks(params: dict, depth: int, object_share: float, deep: int, family: str) -> list[int]:
+    """The encoder blocks (0-based) of the ``encoder_attn`` signal's layers: ``params['layers']`` holds
+    (object layer, deep layer) counted from 1 (negative: from the end) or None for the family's
+    defaults, ``round(depth * object_share)`` and block ``deep``."""
+    chosen = []
+    for layer, default in zip(params.get("layers", (None, None)), (max(1, round(depth * object_share)), deep + 1)):
+        layer = default if layer is None else layer
+        absolute = layer if layer > 0 else depth + 1 + layer
+        if not 1 <= absolute <= depth:
+            raise ValueError(f"encoder layer {layer} does not exist in {family}'s {depth}-layer vision encoder; "
+                             f"accepted: 1..{depth} or -{depth}..-1")
+        chosen.append(absolute - 1)
+    return chosen
+
+
+def clip_received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """Attention each token receives in a CLIP encoder layer, mean over heads and every query ([CLS]
+    included): ``[B, T]``, recomputed from the layer's input, ``layer_norm1``, ``q_proj`` and ``k_proj``."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    batch, length, _ = normed.shape
+    q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    received = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
+    for start in range(0, length, QUERY_CHUNK):  # a few query rows at a time: no [T, T] map per head
+        received += kernels.attention_rows(q[:, :, start:start + QUERY_CHUNK], k, scale=attention.scale).sum(1)
+    return received / length
