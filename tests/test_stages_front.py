@@ -311,3 +311,25 @@ def test_cdpruner_follows_the_instruction():
     for row in range(2):
         assert got[row] == cdpruner_reference(features[row], texts[row], 8), f"row {row}"
     assert got[0] != got[1], "the question after the image did not change the selection"
+
+
+def test_hiprune_then_cdpruner_share_the_projector_budget():
+    """``hiprune+cdpruner``: HiPrune commits its share of the budget on the full grid, CDPruner fills the
+    rest among the tokens HiPrune left (the pipeline's commit-and-fill), each as its reference says."""
+    case = CASES_BY_NAME["llava"]
+    model = case.model("eager")
+    batch = case.batch("left")
+    with torch.no_grad():
+        tower = model.model.vision_tower(batch["pixel_values"], output_attentions=True)
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-2,
+                                                  vision_feature_select_strategy="default").pooler_output
+        texts = llava_text_after_image(model, batch["input_ids"], batch["attention_mask"])
+    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    received = [a.mean(1).mean(1)[:, 1:] for a in tower.attentions]
+    with vtoken.wrapped(model, "hiprune+cdpruner", keep=10, hiprune={"keep": 6, "alpha": 1.0}):
+        got = kept_at_projector(model, batch)
+    for row in range(3):
+        first = hiprune_reference(received[1][row].tolist(), received[2][row].tolist(), (6, 6), 6, 1.0)
+        rest = [p for p in range(36) if p not in first]
+        second = [rest[i] for i in cdpruner_reference(features[row][rest], texts[row], 4)]
+        assert got[row] == sorted(first + second), f"row {row}"

@@ -25,6 +25,8 @@ Where vtoken differs, and why:
   negative pivot, which in the reference gives NaN.
 - No text after the image (e.g. the question comes first): relevance is uniform, and the DPP keeps the
   most diverse tokens.
+- The N x N kernel is never built (the reference builds it): each greedy step needs only its diagonal and
+  the chosen token's row, so memory grows as k * N, which matters at Qwen's thousands of tokens per image.
 """
 
 from __future__ import annotations
@@ -74,27 +76,30 @@ class CDPruner(Stage):
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         x = torch.nn.functional.normalize(tokens.features.float(), dim=-1)
-        r = self.relevance(tokens)
-        kernel = r[:, :, None] * (x @ x.transpose(1, 2)) * r[:, None, :]
-        return Keep(indices=greedy_map(kernel, k).sort(dim=-1).values)
+        return Keep(indices=greedy_map(x, self.relevance(tokens), k).sort(dim=-1).values)
 
 
-def greedy_map(kernel: Tensor, k: int) -> Tensor:
-    """The greedy MAP of a DPP with ``kernel`` ``[B, N, N]``: ``[B, k]`` positions in the order chosen."""
-    batch, n, _ = kernel.shape
-    rows = torch.arange(batch, device=kernel.device)
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2: what token i adds to log det
-    factors = kernel.new_zeros(k, batch, n)  # the Cholesky rows of the chosen tokens
-    chosen = torch.empty(batch, k, dtype=torch.long, device=kernel.device)
-    taken = torch.zeros(batch, n, dtype=torch.bool, device=kernel.device)
+def greedy_map(x: Tensor, r: Tensor, k: int) -> Tensor:
+    """The greedy MAP of the DPP with kernel ``L = diag(r) (x x^T) diag(r)`` for unit rows ``x`` ``[B, N, D]``
+    and relevance ``r`` ``[B, N]``: ``[B, k]`` positions in the order chosen. L is never built: each step
+    needs its diagonal and the chosen token's row, so memory grows as k * N, not N^2."""
+    batch, n, _ = x.shape
+    rows = torch.arange(batch, device=x.device)
+    # diag(L) = d_i^2, what token i adds to log det: r_i^2 for a unit row (exactly, so that equal relevance ties
+    # exactly and the lower position wins, rather than the rounding of |x_i|^2), 0 for an all-zero token
+    gains = r.square() * (x.abs().sum(-1) > 0)
+    factors = x.new_zeros(k, batch, n)  # the Cholesky rows of the chosen tokens
+    chosen = torch.empty(batch, k, dtype=torch.long, device=x.device)
+    taken = torch.zeros(batch, n, dtype=torch.bool, device=x.device)
     for step in range(k):
         j = gains.masked_fill(taken, -float("inf")).argmax(dim=-1)  # first maximum on ties
         chosen[:, step] = j
         taken[rows, j] = True
         pivot = gains[rows, j]
         live = pivot > EXHAUSTED
+        kernel_row = r * (x @ x[rows, j][:, :, None])[..., 0] * r[rows, j][:, None]  # L[j, :]
         projection = torch.einsum("tb,tbn->bn", factors[:step, rows, j], factors[:step])
-        row = (kernel[rows, j] - projection) / pivot.clamp(min=EXHAUSTED).sqrt()[:, None]
+        row = (kernel_row - projection) / pivot.clamp(min=EXHAUSTED).sqrt()[:, None]
         row = torch.where(live[:, None], row, torch.zeros_like(row))
         factors[step] = row
         gains = gains - row.square()
