@@ -3,12 +3,14 @@
 from .base import Integration
 from .llava import LlavaIntegration
 from .llava_next import LlavaNextIntegration
+from .llava_onevision import LlavaOnevisionIntegration
 from .open_clip_vit import OpenClipViTIntegration
 from .qwen2_vl import Qwen2VLIntegration
 from .qwen3_vl import Qwen3_5Integration, Qwen3VLIntegration
 from .timm_vit import TimmViTIntegration
 
 __all__ = [
-    "Integration", "LlavaIntegration", "LlavaNextIntegration", "OpenClipViTIntegration", "Qwen2VLIntegration",
+    "Integration", "LlavaIntegration", "LlavaNextIntegration", "LlavaOnevisionIntegration",
+    "OpenClipViTIntegration", "Qwen2VLIntegration",
     "Qwen3VLIntegration", "Qwen3_5Integration", "TimmViTIntegration",
 ]

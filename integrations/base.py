@@ -128,13 +128,21 @@ class Integration:
 
     def provided_signals(self, site: Site) -> frozenset[str]:
         """The signals this model computes at ``site``."""
+        if site.kind == "decode":  # computed by the decoder's own hooks (integrations/decoder.py)
+            return signals.DECODE
         return self.site_signals.get(site.kind, frozenset())
+
+    def site_kinds(self) -> tuple[str, ...]:
+        """``supported_site_kinds()`` plus ``decode`` wherever ``llm`` is offered: both run in the decoder's
+        hooks (``integrations/decoder.py``), so a family with ``llm(K)`` has the decode site too."""
+        kinds = self.supported_site_kinds()
+        return (*kinds, "decode") if "llm" in kinds and "decode" not in kinds else kinds
 
     def check_pipeline(self) -> None:
         """Resolve negative layers and refuse, naming the accepted values, sites the model does not
         have and signals a site does not provide. Called by ``install`` before any hook exists."""
         self.pipeline = self.pipeline.resolved(self.site_layers())
-        kinds = self.supported_site_kinds()
+        kinds = self.site_kinds()
         accepted = self.describe_sites()
         for stage in self.pipeline.stages:
             site: Site = stage.site
@@ -158,9 +166,9 @@ class Integration:
 
     def describe_sites(self) -> str:
         parts = []
-        for kind in self.supported_site_kinds():
-            if kind == "projector":
-                parts.append("projector")
+        for kind in self.site_kinds():
+            if kind in ("projector", "decode"):
+                parts.append("decode or decode(n)" if kind == "decode" else kind)
                 continue
             layers = self.layer_range(kind)
             letter = "K" if kind == "llm" else "L"

@@ -49,6 +49,7 @@ from vtoken.stats import Stats, clock
 from vtoken.tokens import TokenSet
 
 from .base import SiteHooks
+from .decode_site import DecodeSite, follow_rows
 from .decoder_tensors import (
     cache_of,
     gather_decode_mask,
@@ -86,6 +87,7 @@ class DecoderCall:
     #: per llm(K) site: (K, index into the decoder input, dead, index into layer K's input)
     layers: list[tuple[int, Tensor, Tensor | None, Tensor]] = field(default_factory=list)
     prefilled: bool = False
+    decode: Any = None  # the decode site's DecodeState, from the end of the prefill on
 
     def expand(self, batch: int) -> None:
         """Repeat each row for beam search / several returned sequences (generate expands the batch
@@ -112,17 +114,30 @@ class _Step:
     #: by the positions generated since the prefill
     layers: dict[int, tuple[Tensor, Tensor | None, Tensor]] = field(default_factory=dict)
     current: tuple[Tensor, Tensor | None] | None = None
+    decode: Any = None  # a cached step of a pipeline with a decode site: its DecodeStep
 
 
 class DecoderSites(SiteHooks):
     def __init__(self, pipeline: Pipeline, sites: list[Site], key: calls.CallKey,
                  end_call: Callable[[Call], None] | None = None, *, language_model: torch.nn.Module) -> None:
-        super().__init__(pipeline, sites, key, end_call)
+        llm_sites = [site for site in sites if site.kind == "llm"]
+        decode_sites = [site for site in sites if site.kind == "decode"]
+        if len(decode_sites) > 1:
+            raise ValueError(f"one decode site per pipeline; got {', '.join(map(str, decode_sites))}: put the decode "
+                             "stages at one of them")
+        super().__init__(pipeline, llm_sites, key, end_call)
         self.lm = language_model
         self.layers = language_model.layers
-        self.capture_layers = {site.layer - 1 for site in sites if self.pipeline.signals_at(site)}
-        self.apply_rotary: Callable = module_rotary(self.layers[0].self_attn)
-        first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
+        self.capture_layers = {site.layer - 1 for site in llm_sites if self.pipeline.signals_at(site)}
+        # hybrid decoders (Qwen3.5) may start with linear-attention layers: the first attention layer's rotary
+        self.apply_rotary: Callable = module_rotary(next(layer.self_attn for layer in self.layers
+                                                         if hasattr(layer, "self_attn")))
+        self.decode = (DecodeSite(pipeline, decode_sites[0], language_model, self.apply_rotary)
+                       if decode_sites else None)
+        if self.decode is not None:  # every layer's mask follows its own entries
+            first = 0
+        else:
+            first = min(min(self.sites) - 1, *self.capture_layers) if self.capture_layers else min(self.sites)
         self.hooks.add(language_model.register_forward_pre_hook(self._on_decoder, with_kwargs=True))
         self.hooks.add(language_model.register_forward_hook(self._after_decoder, always_call=True))
         for index in range(first, len(self.layers)):
@@ -148,6 +163,12 @@ class DecoderSites(SiteHooks):
             yield call
         finally:
             calls.end(self.key, call)
+
+    def check_recompute(self) -> None:
+        """Refuse generation without a KV cache when a stage runs at the decode site."""
+        if self.decode is not None:
+            raise ValueError(f"a stage at the {self.decode.site} site removes entries from the KV cache while "
+                             "decoding, so it needs use_cache=True; generate with the cache, or drop the decode stage")
 
     def kept_positions(self, call: Call) -> tuple[Tensor, Tensor | None] | None:
         """After a prefill: the positions of the decoder input present after the last llm(K) site, and
@@ -175,6 +196,9 @@ class DecoderSites(SiteHooks):
             attached = getattr(cache, CACHE_ATTRIBUTE, {}).get(self.key)
             if attached is not None:
                 step = _Step("decode", attached)
+                if attached.decode is not None:
+                    step.decode = self.decode.begin_step(attached.decode, kwargs, cache,
+                                                         generating=call.kind == "generate")
         elif state is not None and not state.prefilled:
             state.expand(batch)
             state.length = length
@@ -195,6 +219,11 @@ class DecoderSites(SiteHooks):
             step.state.prefilled = True
             step.state.captured.clear()
             step.state.keys.clear()
+            if self.decode is not None:
+                state = step.state
+                state.decode = self.decode.start(state.visual, state.units, state.attention_mask, state.layers)
+        elif step is not None and step.decode is not None:
+            self.decode.end_step(step.decode, step.state.decode, call.stats)
         own = call.parts.pop("decoder_owned", None)
         if own is not None:
             self.end_call(own)
@@ -212,6 +241,8 @@ class DecoderSites(SiteHooks):
             if cache is not None:
                 getattr(cache, CACHE_ATTRIBUTE, None) or setattr(cache, CACHE_ATTRIBUTE, {})
                 getattr(cache, CACHE_ATTRIBUTE)[self.key] = state
+                if self.decode is not None:
+                    follow_rows(cache, CACHE_ATTRIBUTE)
             if index in self.sites:
                 hidden = self._prune(self.sites[index], hidden, state, call.stats)
             if state.index is not None:
@@ -225,6 +256,8 @@ class DecoderSites(SiteHooks):
                 step.current = (full, dead)
             if step.current is not None:
                 gather_prefill_kwargs(kwargs, *step.current)
+        elif step.decode is not None:
+            self.decode.layer_mask(step.decode, state.decode, index, kwargs, hidden)
         elif state.layers and index >= state.layers[0][0]:
             _, layer_index, layer_dead, _ = [entry for entry in state.layers if entry[0] <= index][-1]
             gather_decode_mask(kwargs, state.length, layer_index, layer_dead)
@@ -330,7 +363,11 @@ class DecoderSites(SiteHooks):
             last = last_prompt_position(attend)  # [B]
             # the norm is per position: normalising the last position alone is the same
             query_in = layer.input_layernorm(hidden.gather(1, last.view(batch, 1, 1).expand(-1, 1, hidden.shape[-1])))
-            query = attention.q_proj(query_in).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+            query = attention.q_proj(query_in).view(batch, 1, -1, attention.head_dim)
+            heads = getattr(getattr(attention, "config", None), "num_attention_heads", query.shape[2])
+            if query.shape[2] == 2 * heads:  # gated attention (Qwen3.5): per head, the query, then its output gate
+                query = query.view(batch, 1, heads, 2, attention.head_dim)[:, :, :, 0]
+            query = query.transpose(1, 2)
             if hasattr(attention, "q_norm"):
                 query = attention.q_norm(query)
             query = self.apply_rotary(query, query, take_seq(cos, last[:, None]), take_seq(sin, last[:, None]))[0]

@@ -113,7 +113,7 @@ class HFVisionLanguage(Integration):
         # always_call: a call that raises still ends, so the next call in this thread starts clean
         self.hooks.add(self.model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True))
         self.model.__dict__["generate"] = WrappedGenerate(self)
-        llm_sites = [site for site in self.pipeline.sites if site.kind == "llm"]
+        llm_sites = [site for site in self.pipeline.sites if site.kind in ("llm", "decode")]
         if llm_sites:
             self.decoder = DecoderSites(self.pipeline, llm_sites, self.key, self.end_call,
                                         language_model=self.language_model())
@@ -223,6 +223,8 @@ class HFVisionLanguage(Integration):
             with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
                 prepared = self.prepare(inputs, for_generate=True, call=call)
             if not wants_cache(self.model, inputs):
+                if self.decoder is not None:
+                    self.decoder.check_recompute()
                 # without a cache every step runs the whole sequence: generate gets the caller's text
                 # alone, and _generate_step puts the prepared prompt in front of each step's new tokens
                 if prepared.get("attention_mask") is None:

@@ -143,8 +143,9 @@ class LlavaNextIntegration(LlavaIntegration):
         return out
 
     def _split(self, groups: list[Tensor], layout: Tensor, side: int, scores: Tensor, tokens: Tensor,
-               guided: bool) -> list[int] | None:
-        """Per-view budgets for 'view' and 'guided' modes (None lets each view keep a fraction itself)."""
+               guided: bool, canvas: tuple[int, int] | None = None) -> list[int] | None:
+        """Per-view budgets for 'view' and 'guided' modes (None lets each view keep a fraction itself).
+        ``canvas``: the crop grid's (rows, cols) where the caller knows it (else read from the layout)."""
         keep = self.pipeline.site_keep(next(s for s in self.pipeline.sites if s.kind == "projector"))
         sizes = [int(g.numel()) for g in groups]
         total = sum(sizes)
@@ -156,7 +157,7 @@ class LlavaNextIntegration(LlavaIntegration):
         weights = [float(s) for s in sizes]
         if guided and len(groups) > 1:
             base_scores = scores[: sizes[0]].float().view(side, side)
-            crop_weights = _crop_importance(base_scores, layout, groups[1:], side)
+            crop_weights = _crop_importance(base_scores, layout, groups[1:], side, canvas)
             base_share = budget * sizes[0] / total
             weights = [base_share] + [w * (budget - base_share) / max(sum(crop_weights), 1e-12) for w in crop_weights]
         return split_budget(budget, weights, sizes)
@@ -217,12 +218,13 @@ def split_budget(total: int, weights: list[float], caps: list[int]) -> list[int]
     return shares
 
 
-def _crop_importance(base: Tensor, layout: Tensor, crops: list[Tensor], side: int) -> list[float]:
+def _crop_importance(base: Tensor, layout: Tensor, crops: list[Tensor], side: int,
+                     canvas: tuple[int, int] | None = None) -> list[float]:
     """Score mass of the base-view region each crop covers. The crop canvas is a rows x cols grid of
     views; crop v (1-based in the layout) covers canvas cell ((v-1) // cols, (v-1) % cols)."""
     views = [int(layout[c[0]]) // (side * side) for c in crops]
     count = int(layout.max()) // (side * side)  # number of crops
-    rows, cols = _canvas_shape(layout, side, count)
+    rows, cols = canvas or _canvas_shape(layout, side, count)
     weights = []
     for view in views:
         r, c = divmod(view - 1, cols)

@@ -19,6 +19,8 @@ LAST_QUERY_ATTN = "last_query_attn"
 KEY_NORM = "key_norm"
 #: the text tokens after the image with their normalised hidden states and key norms (DART's text pivots)
 TEXT_TOKENS = "text_tokens"
+#: at a decode step: the new token's attention to each cached visual entry, mean over heads (and layers)
+DECODE_ATTN = "decode_attn"
 #: attention each patch receives in chosen encoder layers, mean over heads and queries, one column per layer
 ENCODER_ATTN = "encoder_attn"
 #: the language model's input embeddings of the text after a row's last visual token (the instruction)
@@ -30,12 +32,14 @@ DESCRIPTIONS = {
     LAST_QUERY_ATTN: "last-prompt-token attention",
     KEY_NORM: "key L1 norms",
     TEXT_TOKENS: "text tokens after the image",
+    DECODE_ATTN: "the new token's attention to the cached visual entries",
     ENCODER_ATTN: "attention received in encoder layers",
     PROMPT_TEXT: "embeddings of the prompt text after the image",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})
 LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS})
+DECODE = frozenset({DECODE_ATTN})
 
 
 def describe(names: Iterable[str]) -> str:

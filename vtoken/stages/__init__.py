@@ -4,6 +4,7 @@ from .base import Stage
 from .cdpruner import CDPruner
 from .cls_attn import ClsAttn
 from .dart import Dart
+from .decode_topk import DecodeTopK
 from .fastv import FastV
 from .hiprune import HiPrune
 from .kcenter import KCenter
@@ -13,5 +14,5 @@ from .random import RandomKeep
 from .repshift import RepShift
 from .visionzip import VisionZip
 
-__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "FastV", "HiPrune", "KCenter", "PixelShuffle", "Pool", "RandomKeep",
-           "RepShift", "VisionZip"]
+__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "FastV", "HiPrune", "KCenter", "PixelShuffle", "Pool",
+           "RandomKeep", "RepShift", "VisionZip"]
