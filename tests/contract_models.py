@@ -21,6 +21,9 @@ import torch
 from tiny_models import (
     BOS,
     IMAGE_TOKEN,
+    OV_PINPOINTS,
+    OV_SIDE,
+    OV_VIDEO,
     PAD,
     Q3_TIME,
     Q_END,
@@ -29,6 +32,7 @@ from tiny_models import (
     Q_START,
     Q_VIDEO,
     tiny_llava_next,
+    tiny_llava_onevision,
     tiny_qwen,
     tiny_qwen3_5,
     tiny_qwen3_vl,
@@ -259,6 +263,52 @@ def contract_llava_next(attn: str = "sdpa"):
     return model
 
 
+# --- LLaVA-OneVision -----------------------------------------------------------------------------------
+OV_VIEW = OV_SIDE * 14
+
+
+def onevision_inputs(model, rows: list, side: str) -> dict:
+    """Rows of text ids, ("image", (height, width) in pixels, seed) and ("video", frames, seed) items. A row's
+    only image gets AnyRes-max views, several images their base view each (``batch_num_images``); placeholder
+    counts come from the model's own packing."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    images = [item for row in rows for item in row if isinstance(item, tuple) and item[0] == "image"]
+    per_row = [sum(isinstance(i, tuple) and i[0] == "image" for i in row) for row in rows]
+    patched = [n == 1 for n in per_row for _ in range(n)]
+    views = [image_size_to_num_patches(torch.tensor(size), OV_PINPOINTS, OV_VIEW) if one else 1
+             for (_, size, _), one in zip(images, patched)]
+    batch: dict = {}
+    counts = iter([])
+    if images:
+        pixels = torch.zeros(len(images), max(views), 3, OV_VIEW, OV_VIEW)
+        for i, (count, (_, _, seed)) in enumerate(zip(views, images)):
+            pixels[i, :count] = _pixels(seed, count, 3, OV_VIEW, OV_VIEW)
+        sizes = torch.tensor([size for _, size, _ in images])
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes,
+                                                    batch_num_images=torch.tensor(per_row)).pooler_output
+        counts = iter([int(p.shape[0]) for p in packed])
+        batch.update(pixel_values=pixels, image_sizes=sizes, batch_num_images=torch.tensor(per_row))
+    videos = [item for row in rows for item in row if isinstance(item, tuple) and item[0] == "video"]
+    if videos:
+        batch["pixel_values_videos"] = torch.stack([_pixels(seed, frames, 3, OV_VIEW, OV_VIEW)
+                                                    for _, frames, seed in videos])
+    pooled = (-(-OV_SIDE // 2)) ** 2
+    prompts = []
+    for row in rows:
+        prompt = [BOS]
+        for item in row:
+            if not isinstance(item, tuple):
+                prompt.append(item)
+            elif item[0] == "image":
+                prompt += [IMAGE_TOKEN] * next(counts)
+            else:
+                prompt += [OV_VIDEO] * (item[1] * pooled + 1)
+        prompts.append(prompt)
+    return {**_pad(prompts, side), **batch}
+
+
 # --- standalone ViTs ---------------------------------------------------------------------------------
 V_SIZE, V_PATCH = 32, 8  # 4 x 4 = 16 patches
 V_DEPTH = 4
@@ -344,6 +394,13 @@ def lm_head(model) -> torch.Tensor:
 LLAVA_ROWS = [([20, 21], [30, 31, 32, 33], 11), ([22], [34, 35], 12), ([23, 24, 25], [36], 13)]
 QWEN_ROWS = [([20], (4, 4), [30, 31], 21), ([21, 22], (8, 4), [32], 22), ([23], (4, 8), [33, 34, 35], 23)]
 NEXT_ROWS = [([20], (60, 110), [30, 31], 31), ([21, 22], (100, 40), [32], 32), ([23], (56, 56), [33, 34, 35], 33)]
+#: one image a row; (160, 170) fills a 2x2 canvas that AnyRes-max shrinks bilinearly
+ONEVISION_ROWS = [[20, ("image", (60, 110), 61), 30, 31], [21, 22, ("image", (160, 170), 62), 32],
+                  [23, ("image", (84, 84), 63), 33, 34, 35]]
+#: two images of different sizes in one prompt (base views), a 2-frame video, an image and a video together
+ONEVISION_MULTI_ROWS = [[20, ("image", (60, 110), 64), 30, ("image", (100, 40), 65), 31],
+                        [21, 22, ("video", 2, 66), 32],
+                        [23, ("image", (160, 170), 67), ("video", 2, 68), 33, 34]]
 VIT_ROWS = [41, 42, 43]
 
 CASES: list[Case] = [
@@ -353,6 +410,10 @@ CASES: list[Case] = [
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
          [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid()], lm_head,
          notes="no vision(L) site: the AnyRes packing needs every view's full grid"),
+    Case("llava_onevision", "llava_onevision", "llava_onevision", True, tiny_llava_onevision, ONEVISION_ROWS,
+         onevision_inputs, [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)),
+                            llm("dart", 10), llm("fastv", 10), llm_pyramid()], lm_head,
+         notes="no vision(L) site: AnyRes-max packing and video pooling need every view's full grid"),
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl", True, functools.partial(tiny_qwen, "2"), QWEN_ROWS, qwen_inputs,
          [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), vision_cls_attn(3), vision_pixel_shuffle()],
          lm_head),
@@ -398,6 +459,14 @@ for _case in CASES + MULTI_VISUAL_CASES:
     if _case.run is None:
         _case.run = vlm_logits
 CASES_BY_NAME = {case.name: case for case in CASES + MULTI_VISUAL_CASES}
+#: LLaVA-OneVision on rows with several images, videos, an image and a video; tests/test_llava_onevision.py
+#: runs every clause of test_contract.py on it but labels (whose reference lays out one image a row)
+ONEVISION_MULTI_CASES: list[Case] = [
+    Case("llava_onevision_multi", "llava_onevision", "llava_onevision", True, tiny_llava_onevision,
+         ONEVISION_MULTI_ROWS, onevision_inputs, CASES_BY_NAME["llava_onevision"].stages, lm_head, run=vlm_logits,
+         notes="several images per prompt (base views) and 2-frame videos")
+]
+CASES_BY_NAME.update({case.name: case for case in ONEVISION_MULTI_CASES})
 
 
 def case_stages(vlm: bool | None = None) -> list:

@@ -309,3 +309,30 @@ def tiny_qwen3_5(moe: bool = False, attn_implementation: str = "sdpa", seed: int
     config = config_cls(text_config=text, vision_config=vision, image_token_id=Q_IMAGE, video_token_id=Q_VIDEO,
                         vision_start_token_id=Q_START, vision_end_token_id=Q_END)
     return eval_model(cls, config, attn_implementation, (config.text_config, config.vision_config))
+
+
+# --- LLaVA-OneVision -----------------------------------------------------------------------------
+OV_SIDE = 6  # 84px views / patch 14 -> 6 x 6 tokens per view (SigLIP: no [CLS]); video frames pool to 3 x 3
+OV_VIDEO = 6  # the word tokenizer's <|video_pad|>, standing for OneVision's <video>
+OV_PINPOINTS = [[84, 168], [168, 84], [168, 168]]  # 1x2, 2x1 and 2x2 crops of 84 px
+OV_ASPECT = "anyres_max_2"  # a 2x2 canvas (12 x 12 = 144 tokens) is more than 2 views: bilinearly shrunk to 8 x 8
+
+
+def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0):
+    """A LLaVA-OneVision-shaped model: SigLIP tower (last hidden state, 'full' strategy: every patch), 2-layer
+    MLP projector, AnyRes-max packing with row-end newlines, Qwen2 decoder (GQA)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=OV_SIDE * 14, patch_size=14, vision_use_head=False)
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=PAD,
+                bos_token_id=BOS, eos_token_id=2)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, video_token_index=OV_VIDEO,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio=OV_ASPECT, pad_token_id=PAD,
+    )
+    return eval_model(LlavaOnevisionForConditionalGeneration, config, attn_implementation,
+                      (config.text_config, config.vision_config))

@@ -95,3 +95,19 @@ def tiny_qwen3_vl_processor():
         tokenizer=word_tokenizer(),
         video_processor=Qwen3VLVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32 * 4}, **sizes),
     )
+
+
+def tiny_llava_onevision_processor():
+    """LLaVA-OneVision's processor over the word tokenizer: 84 px views with tiny_models' pinpoints and
+    AnyRes-max limit, 6 x 6 tokens per view, videos at 84 px; <|video_pad|> stands for <video>."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    from tiny_models import OV_ASPECT, OV_PINPOINTS, OV_SIDE
+
+    view = {"height": OV_SIDE * 14, "width": OV_SIDE * 14}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=view, image_grid_pinpoints=OV_PINPOINTS),
+        tokenizer=word_tokenizer(), video_processor=LlavaOnevisionVideoProcessor(size=view),
+        num_image_tokens=OV_SIDE * OV_SIDE, vision_feature_select_strategy="full", video_token="<|video_pad|>",
+        vision_aspect_ratio=OV_ASPECT,
+    )

@@ -1,0 +1,291 @@
+"""LLaVA-OneVision: SigLIP without [CLS] (received-attention score), AnyRes-max, several images, video."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtoken
+from integrations_helpers import lm_image_tokens, lm_inputs
+from tiny_models import BOS, IMAGE_TOKEN, OV_SIDE, OV_VIDEO, llava_batch_ids, tiny_llava_onevision
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "LlavaOnevisionForConditionalGeneration"):
+    pytest.skip("LLaVA-OneVision needs a transformers with LlavaOnevisionForConditionalGeneration",
+                allow_module_level=True)
+
+from contract_models import ONEVISION_MULTI_CASES, onevision_inputs  # noqa: E402
+
+MODES = ["global", "view", "guided"]
+BIG = (160, 170)  # 2x2 crops: a 12 x 12 canvas, shrunk by AnyRes-max to 8 x 8 (+ 8 newlines)
+WIDE = (60, 110)  # 1x2 crops, unpadded, not shrunk
+SIDE2 = OV_SIDE * OV_SIDE
+POOLED = (-(-OV_SIDE // 2)) ** 2  # tokens per pooled video frame
+
+
+def siglip_layers(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def image_rows(*sizes):
+    return [[20 + i, ("image", size, 70 + i), 30] for i, size in enumerate(sizes)]
+
+
+def batch(model, rows, side="left"):
+    return onevision_inputs(model, rows, side)
+
+
+def packed_image(model, inputs, image):
+    """The model's own packed features of one image, with the positions of its newline tokens."""
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+            batch_num_images=inputs.get("batch_num_images")).pooler_output[image]
+    newline = model.model.image_newline.detach()
+    return packed, (packed == newline).all(-1).nonzero()[:, 0].tolist()
+
+
+# --- the received-attention score ------------------------------------------------------------------------
+def test_received_attention_equals_the_eager_attention_maps_column_means():
+    """cls_attn on a tower without [CLS]: per patch, the mean over heads and queries of the attention map
+    the eager SigLIP layer itself returns."""
+    from vtoken.integrations.llava_onevision import received_attention
+
+    model = tiny_llava_onevision("eager")
+    pixels = torch.randn(3, 3, OV_SIDE * 14, OV_SIDE * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+        for index, layer in enumerate(siglip_layers(model)):
+            got = received_attention(layer, out.hidden_states[index])
+            expected = out.attentions[index].float().mean(dim=(1, 2))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_cls_attn_keeps_the_patches_that_receive_most_attention():
+    """keep=10 with cls_attn on one base view: the 10 patches with the highest received attention in the
+    feature layer's block (its input captured from the tower's hidden states), in order."""
+    from vtoken.integrations.llava_onevision import received_attention
+
+    model = tiny_llava_onevision()
+    rows = [[20, ("image", (60, 110), 71), 30, ("image", (84, 84), 72), 31]]  # two images: base views only
+    inputs = batch(model, rows)
+    with torch.no_grad():
+        hidden = model.model.vision_tower(inputs["pixel_values"][:, 0], output_hidden_states=True).hidden_states
+        scores = received_attention(siglip_layers(model)[-1], hidden[-2])
+        with vtoken.wrapped(model, "cls_attn", keep=10):
+            model(**inputs)
+            kept = model.vtoken.stats.kept["projector"]
+    for image, slots in enumerate(kept):
+        expected = scores[image].topk(10).indices.sort().values
+        assert torch.equal(slots, expected), f"image {image}: kept {slots.tolist()}, expected {expected.tolist()}"
+
+
+# --- images ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_all_matches_unwrapped_logits(mode):
+    model = tiny_llava_onevision()
+    inputs = batch(model, image_rows(WIDE, BIG))
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with vtoken.wrapped(model, "cls_attn+kcenter", keep=1.0, anyres_budget=mode):
+            got = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_64_gives_64_visual_tokens_plus_the_newlines_of_kept_rows(mode):
+    """The LM receives exactly 64 visual tokens of the image, plus the newline of every canvas row that
+    keeps a token (the base view, first, has none when crops follow)."""
+    model = tiny_llava_onevision()
+    inputs = batch(model, image_rows(BIG))
+    packed, newlines = packed_image(model, inputs, 0)
+    with vtoken.wrapped(model, "cls_attn", keep=64, anyres_budget=mode), torch.no_grad():
+        received = lm_image_tokens(model, inputs)[0]
+        kept = torch.cat(model.vtoken.stats.kept["projector"])
+    assert kept.numel() == 64 and len(set(kept.tolist())) == 64 and not set(kept.tolist()) & set(newlines)
+    starts = [SIDE2] + [n + 1 for n in newlines[:-1]]
+    kept_rows = sum(bool(((kept >= lo) & (kept < hi)).any()) for lo, hi in zip(starts, newlines))
+    assert received == 64 + kept_rows, f"{received} image positions, expected 64 + {kept_rows} newlines"
+
+
+def test_view_budgets_follow_the_models_crops():
+    """'view' mode on an image AnyRes-max does not shrink: each unit is one view, and the view of every slot
+    is the one the model's packing takes it from (packing view-tagged features through the model)."""
+    model = tiny_llava_onevision()
+    inputs = batch(model, image_rows(WIDE))
+    views = inputs["pixel_values"].shape[1]
+    tagged = [torch.arange(3, dtype=torch.float64).repeat_interleave(SIDE2).view(3, SIDE2, 1)[:views]]
+    truth, _ = model.model.pack_image_features(tagged, inputs["image_sizes"],
+                                               image_newline=torch.tensor([-1.0], dtype=torch.float64),
+                                               vision_aspect_ratio=model.config.vision_aspect_ratio)
+    truth = truth[0][:, 0]
+    with vtoken.wrapped(model, "kcenter", keep=1.0, anyres_budget="view"), torch.no_grad():
+        model(**inputs)
+        kept = model.vtoken.stats.kept["projector"]
+    assert len(kept) == 3
+    for view, slots in enumerate(kept):
+        assert (truth[slots] == view).all(), f"unit {view} holds slots of views {truth[slots].unique().tolist()}"
+    assert sum(k.numel() for k in kept) == int((truth >= 0).sum())
+
+
+def test_guided_budget_favours_the_crop_the_base_view_finds_important():
+    """guided: crops share the rest of the budget in proportion to the base view's score mass over their
+    region; raising the scores over one crop's region raises its share."""
+    from vtoken.integrations.llava_next import _crop_importance
+
+    layout = torch.tensor([0] * SIDE2 + [SIDE2, 2 * SIDE2, -1])  # base, crops 1 and 2 (1 x 2 canvas)
+    base = torch.ones(OV_SIDE, OV_SIDE)
+    base[:, OV_SIDE // 2:] = 5.0  # the right half matters
+    crops = [torch.tensor([SIDE2]), torch.tensor([SIDE2 + 1])]
+    left, right = _crop_importance(base, layout, crops, OV_SIDE, canvas=(1, 2))
+    assert right == 5 * left
+
+
+def test_several_images_each_keep_their_budget_and_newline():
+    model = tiny_llava_onevision()
+    rows = [[20, ("image", WIDE, 71), 30, ("image", BIG, 72), 31]]
+    inputs = batch(model, rows)
+    assert inputs["batch_num_images"].tolist() == [2]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with vtoken.wrapped(model, "cls_attn", keep=1.0):
+            torch.testing.assert_close(model(**inputs).logits, expected, atol=1e-5, rtol=0)
+        with vtoken.wrapped(model, "cls_attn", keep=20):
+            received = lm_image_tokens(model, inputs)[0]
+            kept = model.vtoken.stats.kept["projector"]
+    assert [k.numel() for k in kept] == [20, 20]
+    assert received == 2 * (20 + 1), "each image: 20 tokens and its newline"
+
+
+# --- video -------------------------------------------------------------------------------------------------
+def video_batch(frames=3, seed=5):
+    pixels = torch.randn(1, frames, 3, OV_SIDE * 14, OV_SIDE * 14, generator=torch.Generator().manual_seed(seed))
+    inputs = llava_batch_ids([[BOS, 20] + [OV_VIDEO] * (frames * POOLED + 1) + [30, 31]])
+    inputs["pixel_values_videos"] = pixels
+    return inputs
+
+
+def video_lm_tokens(model, inputs):
+    """How many video positions (placeholders) the language model received."""
+    seen, handle = lm_inputs(model)
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    text = ((inputs["input_ids"] != OV_VIDEO) & inputs["attention_mask"].bool()).sum(1)
+    return int(seen[0]["attention_mask"].sum(1)[0] - text[0])
+
+
+@pytest.mark.parametrize("video_budget,keep,expected", [("clip", 10, [10]), ("frame", 4, [4, 4, 4])])
+def test_video_budget_per_clip_or_frame(video_budget, keep, expected):
+    model = tiny_llava_onevision()
+    inputs = video_batch()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with vtoken.wrapped(model, "cls_attn", keep=1.0, video_budget=video_budget):
+            torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-5, rtol=0)
+        with vtoken.wrapped(model, "cls_attn", keep=keep, video_budget=video_budget):
+            received = video_lm_tokens(model, inputs)
+            kept = model.vtoken.stats.kept["projector"]
+    assert [k.numel() for k in kept] == expected
+    assert received == sum(expected) + 1, "the clip's final newline stays"
+    if video_budget == "frame":  # each frame's unit covers that frame's pooled grid only
+        for frame, slots in enumerate(kept):
+            assert ((slots >= frame * POOLED) & (slots < (frame + 1) * POOLED)).all()
+
+
+def test_video_scores_are_pooled_like_the_features():
+    """Per frame: received attention in the feature block, pooled by the model's own apply_pooling; the
+    clip keeps the top tokens of those pooled scores."""
+    from vtoken.integrations.llava_onevision import received_attention
+
+    model = tiny_llava_onevision()
+    inputs = video_batch(frames=2)
+    frames = inputs["pixel_values_videos"][0]
+    with torch.no_grad():
+        hidden = model.model.vision_tower(frames, output_hidden_states=True).hidden_states
+        scores = received_attention(siglip_layers(model)[-1], hidden[-2])
+        pooled = torch.nn.functional.interpolate(scores.view(2, 1, OV_SIDE, OV_SIDE), size=[3, 3], mode="bilinear")
+        with vtoken.wrapped(model, "cls_attn", keep=5):
+            model(**inputs)
+            kept = model.vtoken.stats.kept["projector"][0]
+    assert torch.equal(kept, pooled.flatten().topk(5).indices.sort().values)
+
+
+# --- refusals --------------------------------------------------------------------------------------------
+def test_vision_site_is_refused_with_the_reason():
+    model = tiny_llava_onevision()
+    with pytest.raises(ValueError, match="no vision site .*AnyRes-max packing"):
+        vtoken.wrap(model, "cls_attn", keep=4, site="vision(1)")
+
+
+@pytest.mark.parametrize("option,value", [("video_budget", "scene"), ("anyres_budget", "crop")])
+def test_bad_budget_options_name_the_accepted_values(option, value):
+    model = tiny_llava_onevision()
+    with pytest.raises(ValueError, match="accepted"):
+        vtoken.wrap(model, "kcenter", keep=4, **{option: value})
+    assert not model._forward_pre_hooks
+
+
+def test_default_feature_strategy_is_refused():
+    model = tiny_llava_onevision()
+    inputs = batch(model, image_rows(WIDE))
+    with vtoken.wrapped(model, "kcenter", keep=4), pytest.raises(ValueError, match="'full'"):
+        model(**inputs, vision_feature_select_strategy="default")
+
+
+# --- several images and videos through the contract clauses ---------------------------------------------
+import test_contract as contract  # noqa: E402
+from contract_models import ATTENTION  # noqa: E402
+
+MULTI_STAGES = [pytest.param(case, stage, id=f"{case.name}-{stage.id}") for case in ONEVISION_MULTI_CASES
+                for stage in case.stages]
+
+
+@pytest.mark.parametrize("case,stage", MULTI_STAGES)
+def test_multi_visual_contract(case, stage):
+    for attn in ATTENTION:
+        contract.test_keep_all_matches_unwrapped_logits(case, stage, attn)
+    contract.test_unwrap_restores_parameters_hooks_and_outputs(case, stage)
+    for mode in contract.GENERATION_MODES:
+        contract.test_cached_generate_equals_recomputation(case, stage, mode)
+    for side in case.sides:
+        contract.test_padded_batch_equals_members_alone(case, stage, side)
+    contract.test_threads_give_each_calls_single_result(case, stage)
+    contract.test_deepcopy_is_an_independent_wrapped_model(case, stage)
+
+
+# --- a processor saved and reloaded ----------------------------------------------------------------------
+@pytest.mark.parametrize("visual", ["image", "video"])
+def test_processor_from_disk_drives_generate_with_pruning(tmp_path, visual):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tiny_processors import LLAVA_CHAT_TEMPLATE, save_tiny_checkpoint, tiny_llava_onevision_processor
+
+    model = tiny_llava_onevision()
+    folder = save_tiny_checkpoint(model, tiny_llava_onevision_processor(), tmp_path / "ov", LLAVA_CHAT_TEMPLATE)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = type(model).from_pretrained(folder).eval()
+    model.generation_config.eos_token_id = None
+    rng = np.random.RandomState(0)
+    if visual == "image":
+        image = Image.fromarray(rng.randint(0, 255, (170, 160, 3), dtype=np.uint8))
+        inputs = processor(images=image, text="what is in the <image> image", return_tensors="pt")
+        token, keep = IMAGE_TOKEN, 40
+    else:
+        video = rng.randint(0, 255, (3, 90, 90, 3), dtype=np.uint8)
+        inputs = processor(videos=[video], text="<|video_pad|> what is red", return_tensors="pt")
+        token, keep = OV_VIDEO, 12
+    expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with vtoken.wrapped(model, "cls_attn", keep=1.0):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+    with vtoken.wrapped(model, "cls_attn", keep=keep):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        kept = model.vtoken.stats.kept["projector"]
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert sum(k.numel() for k in kept) == keep
+    assert int((inputs["input_ids"] == token).sum()) > keep
