@@ -33,8 +33,31 @@ def test_spread_is_the_largest_max_over_min_and_flags_past_the_threshold():
     rows = [{"method": "a", "spread": 1.2}, {"method": "b", "spread": 1.8}, {"method": "none", "spread": None}]
     assert [flagged(r, 1.5) for r in rows] == [False, True, False]
     footer = spread_footer(rows, 1.5)
-    assert len(footer) == 1 and footer[0].startswith("! 1 configuration(s)") and "rerun" in footer[0]
-    assert spread_footer(rows, 2.0) == ["all timed runs within 2x (max/min) of each other"]
+    assert len(footer) == 2 and footer[0].startswith("! 1 configuration(s)") and "rerun" in footer[1]
+    assert spread_footer(rows, 2.0) == ["all timed runs within 2x (max/min) of each other, and every speed-up's "
+                                        "~90 % interval within 1.1x"]
+
+
+def test_median_interval_takes_the_order_statistics_that_cover_the_median():
+    from math import comb
+
+    def coverage(n, r):  # P(x(r) <= median <= x(n-r+1)) for n independent pairs
+        return 1 - 2 * sum(comb(n, i) for i in range(r)) / 2 ** n
+
+    ratios = [1.0 + i / 100 for i in (5, 0, 9, 3, 7, 1, 10, 2, 8, 4, 6)]  # 11 pairs, ratios 1.00..1.10
+    lo, hi = bench.median_interval(ratios, [1.0] * 11)
+    # the 3rd and 9th of 11 cover the median with 93.5 %; the 4th and 8th would cover only 77.3 %
+    assert (lo, hi) == (1.02, 1.08) and coverage(11, 3) >= 0.9 > coverage(11, 4)
+    assert bench.median_interval([2.0, 4.0, 3.0, 5.0, 1.0], [1.0] * 5) == (1.0, 5.0)  # 5 pairs: min, max
+    assert bench.median_interval([2.0], [1.0]) is None
+
+
+def test_a_row_whose_speedup_median_is_uncertain_is_flagged_for_a_rerun():
+    tight = {"method": "a", "spread": 1.2, "speedup_lo": 1.50, "speedup_hi": 1.60}
+    loose = {"method": "b", "spread": 1.2, "speedup_lo": 1.40, "speedup_hi": 1.70}
+    assert [flagged(r, 1.5) for r in (tight, loose)] == [False, True]
+    footer = spread_footer([tight, loose], 1.5)
+    assert footer[0].startswith("! 1 configuration(s) whose speed-up median is uncertain") and "rerun" in footer[1]
 
 
 def test_timed_jobs_alternate_and_their_setup_is_not_timed():
@@ -71,7 +94,7 @@ def test_the_table_marks_a_noisy_configuration_and_prints_the_machine():
     lines = table.splitlines()
     assert any(line.startswith("kcenter !") for line in lines)
     assert not any(line.startswith("dart !") for line in lines)
-    assert lines[-1].startswith("! 1 configuration(s)")
+    assert lines[-2].startswith("! 1 configuration(s)") and "rerun" in lines[-1]
 
 
 # --- --scaling ---------------------------------------------------------------------------------------
@@ -137,7 +160,7 @@ def test_scaling_arguments_parse_and_take_the_device_defaults():
     assert (gpu.scaling_tokens, gpu.scaling_batches, gpu.depth_scale) == ("576,2880,5000,16000", "2", 0.25)
     assert gpu.methods == "kcenter,dart@llm(2)" and gpu.max_spread == 2.0
     plain = resolve_defaults(build_parser().parse_args(["bench"]))
-    assert (plain.runs, plain.generate_runs, plain.depth_scale, plain.scaling) == (5, 3, 1.0, False)
+    assert (plain.runs, plain.generate_runs, plain.depth_scale, plain.scaling) == (11, 3, 1.0, False)
 
 
 @pytest.mark.parametrize("arguments, named", [

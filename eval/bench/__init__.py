@@ -48,11 +48,11 @@ from .oracle import FixedKeep, llm_oracle, oracle_inputs, pre_llm_oracle, run_la
 from .report import CSV_COLUMNS, format_table, plot_results, write_results
 from .runner import DEFAULT_BUDGETS, DEFAULT_METHODS, embedded_model_path, run_bench, workload
 from .scaling import SCALING_COLUMNS, format_scaling, run_scaling, scaling_defaults
-from .timing import cache_bytes, paired_ratio, spread
+from .timing import cache_bytes, median_interval, paired_ratio, spread
 
 __all__ = ["add_arguments", "run", "run_bench", "command_line", "split_list", "workload", "Workload",
            "measure_baseline", "measure_method", "oracle_inputs", "pre_llm_oracle", "llm_oracle", "vision_oracle",
            "vision_layer_tokens",
            "run_language_model", "FixedKeep", "cache_bytes", "CSV_COLUMNS", "format_table", "write_results",
            "plot_results", "embedded_model_path", "MethodSpec", "DEFAULT_METHODS", "DEFAULT_BUDGETS", "run_scaling",
-           "format_scaling", "scaling_defaults", "SCALING_COLUMNS", "paired_ratio", "spread"]
+           "format_scaling", "scaling_defaults", "SCALING_COLUMNS", "paired_ratio", "spread", "median_interval"]

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"(default: {','.join(map(str, DEFAULT_BUDGETS))}; with --scaling {SCALING_KEEP})")
     grid.add_argument("--runs", type=int_at_least(1), default=None,
                       help="timed prefill runs per configuration, each next to one of the unpruned model "
-                           "(default 5; with --scaling 5 on GPU, 3 on CPU)")
+                           "(default 11; with --scaling 5 on GPU, 3 on CPU)")
     grid.add_argument("--warmup", type=int_at_least(0), default=None,
                       help="untimed runs before timing each configuration (default 1; --scaling on CPU: 0)")
     grid.add_argument("--generate-runs", type=int_at_least(1), default=None,
@@ -92,7 +92,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                       scaling_batches=",".join(map(str, defaults["batches"])))
     else:
         preset = dict(methods=",".join(DEFAULT_METHODS), budgets=",".join(map(str, DEFAULT_BUDGETS)), depth_scale=1.0,
-                      runs=5, warmup=1, generate_runs=3, decode_tokens=16)
+                      runs=11, warmup=1, generate_runs=3, decode_tokens=16)
     for name, value in preset.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)

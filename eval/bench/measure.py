@@ -16,7 +16,17 @@ from vtoken.sites import Site
 
 from .oracle import LMInputs, llm_oracle, pre_llm_oracle, vision_oracle
 from .report import CSV_COLUMNS
-from .timing import cache_bytes, generate_stats, output_cache, paired_ratio, prefill, rounded, spread, time_runs
+from .timing import (
+    cache_bytes,
+    generate_stats,
+    median_interval,
+    output_cache,
+    paired_ratio,
+    prefill,
+    rounded,
+    spread,
+    time_runs,
+)
 
 
 @dataclass
@@ -161,6 +171,8 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
             row["measured_over_oracle"] = paired_ratio(totals, times["prefill"])
             row["oracle_speedup"] = paired_ratio(times["baseline"], totals)
         row["speedup"] = paired_ratio(times["baseline"], times["prefill"])
+        interval = median_interval(times["baseline"], times["prefill"])
+        row["speedup_lo"], row["speedup_hi"] = interval if interval else (None, None)
         row["baseline_ms"] = rounded(statistics.median(times["baseline"]))
         row["spread"] = spread(times["prefill"], times["baseline"])
         timed = selection[-runs:]  # the timed runs, warm-up left out

@@ -11,7 +11,7 @@ from typing import Any
 CSV_COLUMNS = [
     "method", "site", "keep", "visual_tokens", "visual_tokens_last", "llm_tokens", "runs",
     "prefill_ms", "prefill_min_ms", "prefill_max_ms", "prefill_q1_ms", "prefill_q3_ms",
-    "baseline_ms", "spread",
+    "baseline_ms", "spread", "speedup_lo", "speedup_hi",
     "oracle_ms", "oracle_min_ms", "oracle_max_ms", "oracle_vision_ms", "oracle_llm_ms", "oracle_kind",
     "speedup", "oracle_speedup", "flops_speedup", "measured_over_oracle",
     "scoring_ms", "select_ms", "overhead_pct", "stage_times",
@@ -102,6 +102,10 @@ def _save_figure(fig: Any, path: Path) -> Path:
 #: the default ``--max-spread``: a configuration whose timed runs (the method's or its paired
 #: baseline's) span more than this factor, max/min, is flagged for a rerun
 MAX_SPREAD = 1.5
+#: a configuration whose speed-up median is uncertain by more than this factor (the ratio of the ends of
+#: its ~90 % interval, ``timing.median_interval``) is flagged too: two unflagged runs then agree to
+#: about 10 % (each median within its interval, about +-5 %)
+MAX_SPEEDUP_INTERVAL = 1.10
 
 
 def machine_line(result: dict[str, Any]) -> str:
@@ -113,17 +117,35 @@ def machine_line(result: dict[str, Any]) -> str:
 
 
 def flagged(row: dict[str, Any], max_spread: float) -> bool:
-    """True when the row's timed runs spread more than ``max_spread`` (max/min)."""
+    """True when the row's timed runs spread more than ``max_spread`` (max/min) or its speed-up median is
+    uncertain by more than ``MAX_SPEEDUP_INTERVAL``."""
+    return spread_flagged(row, max_spread) or interval_flagged(row)
+
+
+def spread_flagged(row: dict[str, Any], max_spread: float) -> bool:
     return row.get("spread") is not None and row["spread"] > max_spread
 
 
+def interval_flagged(row: dict[str, Any]) -> bool:
+    lo, hi = row.get("speedup_lo"), row.get("speedup_hi")
+    return bool(lo and hi) and hi / lo > MAX_SPEEDUP_INTERVAL
+
+
 def spread_footer(rows: list[dict[str, Any]], max_spread: float, what: str = "configuration") -> list[str]:
-    bad = [r for r in rows if flagged(r, max_spread)]
-    if not bad:
-        return [f"all timed runs within {max_spread:g}x (max/min) of each other"]
-    return [f"! {len(bad)} {what}(s) with timed runs (the method's or its paired baseline's) more than "
-            f"{max_spread:g}x apart (max/min): the machine was busy; rerun (more --runs, a quieter machine) "
-            "before trusting their ratios"]
+    wide = [r for r in rows if spread_flagged(r, max_spread)]
+    loose = [r for r in rows if interval_flagged(r) and not spread_flagged(r, max_spread)]
+    if not wide and not loose:
+        return [f"all timed runs within {max_spread:g}x (max/min) of each other, and every speed-up's ~90 % "
+                f"interval within {MAX_SPEEDUP_INTERVAL:g}x"]
+    lines = []
+    if wide:
+        lines.append(f"! {len(wide)} {what}(s) with timed runs (the method's or its paired baseline's) more than "
+                     f"{max_spread:g}x apart (max/min): the machine was busy")
+    if loose:
+        lines.append(f"! {len(loose)} {what}(s) whose speed-up median is uncertain by more than "
+                     f"{MAX_SPEEDUP_INTERVAL:g}x (its ~90 % interval over the paired runs)")
+    lines.append("  rerun those (more --runs, a quieter machine) before trusting their ratios")
+    return lines
 
 
 def table_head(title: str, result: dict[str, Any], header: str) -> list[str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from typing import Any, Callable, Sequence
 
@@ -51,6 +52,22 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
     would keep. None when there is no pair."""
     pairs = [a / b for a, b in zip(numerators, denominators) if b]
     return rounded(statistics.median(pairs), 4) if pairs else None
+
+
+def median_interval(numerators: Sequence[float], denominators: Sequence[float],
+                    coverage: float = 0.9) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of the per-pair ratios: the order statistics
+    ``x(r)`` and ``x(n-r+1)`` with the largest r whose binomial coverage is at least ``coverage`` (5
+    or 7 pairs: min and max; 11: the 3rd and 9th). Two runs whose intervals are both narrow give
+    medians close to each other; a wide one means the median could move on a rerun. None for 1 pair."""
+    pairs = sorted(a / b for a, b in zip(numerators, denominators) if b)
+    n = len(pairs)
+    if n < 2:
+        return None
+    r = 1
+    while r + 1 <= n // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(r + 1)) / 2 ** n >= coverage:
+        r += 1
+    return rounded(pairs[r - 1], 4), rounded(pairs[n - r], 4)
 
 
 def spread(*series: Sequence[float]) -> float | None:
