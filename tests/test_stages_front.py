@@ -333,3 +333,22 @@ def test_hiprune_then_cdpruner_share_the_projector_budget():
         rest = [p for p in range(36) if p not in first]
         second = [rest[i] for i in cdpruner_reference(features[row][rest], texts[row], 4)]
         assert got[row] == sorted(first + second), f"row {row}"
+
+
+def test_scoring_never_falls_back_to_eager_attention(monkeypatch):
+    """encoder_attn and cls_attn are recomputed from the layers' own projections: no attention map is
+    ever asked for, and the model keeps running on SDPA."""
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.llama.modeling_llama as llama
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eager attention (a full attention map) was used")
+
+    case = CASES_BY_NAME["llava"]
+    model = case.model("sdpa")
+    batch = case.batch("left")
+    monkeypatch.setattr(llama, "eager_attention_forward", refuse)
+    monkeypatch.setattr(clip, "eager_attention_forward", refuse)
+    for method in ("visionzip", "hiprune", "cdpruner"):
+        with vtoken.wrapped(model, method, keep=8):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
