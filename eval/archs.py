@@ -43,6 +43,19 @@ QWEN3_VL_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_la
                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True})
 
 
+#: llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 with its last block dropped (26 blocks, no
+#: head), Qwen2-7B-Instruct with the vocabulary grown by <image> and <video> and padded to a multiple of 64
+SIGLIP_SO400M_OV = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                        num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+QWEN2_7B_OV_TEXT = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152128,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+#: AnyRes-max canvases of 1x1 up to 6x6 views of 384 px
+OV_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+
+
 def scaled(layers: int, depth_scale: float) -> int:
     """``layers * depth_scale`` rounded, at least 1 (32 at 1/8 -> 4; 24 -> 3; 28 -> 4 (3.5 rounds up))."""
     if not 0 < depth_scale <= 1:
@@ -88,11 +101,24 @@ def qwen3_vl_config(depth_scale: float = 1.0) -> Any:
                          vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
 
 
+def llava_onevision_config(depth_scale: float = 1.0) -> Any:
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(SIGLIP_SO400M_OV, num_hidden_layers=scaled(26, depth_scale))
+    text = dict(QWEN2_7B_OV_TEXT, num_hidden_layers=scaled(28, depth_scale))
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                video_token_index=151647, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS,
+                                vision_aspect_ratio="anyres_max_9", projector_hidden_act="gelu",
+                                tie_word_embeddings=False)
+
+
 ARCHS: dict[str, Callable[[float], Any]] = {
     "llava-1.5-7b": lambda scale: llava_config(LLAMA_7B, scale),
     "llava-1.5-13b": lambda scale: llava_config(LLAMA_13B, scale),
     "qwen2.5-vl-7b": qwen25_vl_config,
     "qwen3-vl-8b": qwen3_vl_config,
+    "llava-onevision-7b": llava_onevision_config,
 }
 
 

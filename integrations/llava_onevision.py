@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from vtoken import kernels, signals
-from vtoken.flops import ModelDims
+from vtoken.flops import ModelDims, VisualCounts
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
@@ -237,6 +237,53 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
         return seconds
 
     # --- what bench, FLOPs and the demo ask a family ---
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        """``<bos>``, half the text, one square image of the tower's size (a base view and one crop: 2 x 729
+        patches and 729 + 27 x 28 = 1,485 placeholders, newlines included, for the 7B), the rest of the text."""
+        config = self.model.config
+        size = config.vision_config.image_size
+        side = size // config.vision_config.patch_size
+        image_sizes = torch.tensor([[size, size]] * batch)
+        views = self._views_per_image(image_sizes[:1], None)[0]
+        tokens = self._stills_layout([views], image_sizes[:1], None, side)[0][0].numel()
+        if visual_tokens is not None and visual_tokens != tokens:
+            raise ValueError(f"{self.family} bench images are the tower's square size and give {tokens} visual "
+                             f"tokens each; visual_tokens={visual_tokens} cannot be made, accepted: {tokens} or None")
+        generator = torch.Generator().manual_seed(seed)
+        image = self.image_token_id()
+        bos = getattr(config.text_config, "bos_token_id", None)
+        bos = 1 if bos is None else int(bos)
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator,
+                                    avoid=[image, self.video_token_id(), bos])
+        ids = [bos] + text[:len(text) // 2] + [image] * tokens + text[len(text) // 2:]
+        input_ids = torch.tensor([ids] * batch, device=device)
+        pixels = torch.randn(batch, views, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels,
+                "image_sizes": image_sizes.to(device), "batch_num_images": torch.ones(batch, dtype=torch.long)}
+
+    def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
+        """Row 0's images (all of one size, as the bench makes them): the tower sees every view's patches,
+        the language model the packed placeholders (newlines included)."""
+        if inputs.get("pixel_values_videos") is not None or inputs.get("pixel_values") is None:
+            raise NotImplementedError(f"visual counts for {self.family} cover images only, not videos")
+        config = self.model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        per_row = inputs.get("batch_num_images")
+        images = 1 if per_row is None else int(per_row[0])
+        views = self._views_per_image(inputs["image_sizes"][:images], per_row[:1] if per_row is not None else None)
+        tokens = int((inputs["input_ids"][0] == self.image_token_id()).sum()) // images
+        return VisualCounts(images=images, patches=views[0] * side * side, tokens=tokens)
+
+    def run_vision(self, inputs: dict[str, Any]) -> Any:
+        config = self.model.config
+        with torch.no_grad():
+            return self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                batch_num_images=inputs.get("batch_num_images"), vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            ).pooler_output
+
     def model_dims(self) -> ModelDims:
         """LLaVA's, with no [CLS] token in the SigLIP tower."""
         dims = super().model_dims()

@@ -1,5 +1,5 @@
-"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_qwen2_vl``, ``vtoken_qwen2_5_vl``, ``vtoken_qwen3_vl``
-(Qwen3-VL, dense and MoE) and ``vtoken_qwen3_5`` (Qwen3.5).
+"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_llava_onevision``, ``vtoken_qwen2_vl``,
+``vtoken_qwen2_5_vl``, ``vtoken_qwen3_vl`` (Qwen3-VL, dense and MoE) and ``vtoken_qwen3_5`` (Qwen3.5).
 
 Each model subclasses lmms-eval's own class (so its prompt building, batching and generation loop stay
 lmms-eval's), then wraps the loaded model with vtoken. vtoken's arguments are taken out of
@@ -142,6 +142,17 @@ class VTokenLlavaHf(_VTokenMixin, LlavaHf):
         self._init_vtoken(LlavaHf, kwargs)
 
 
+class VTokenLlavaOnevision(_VTokenMixin, LlavaHf):
+    """LLaVA-OneVision through lmms-eval's ``llava_hf`` class (it loads transformers'
+    ``LlavaOnevisionForConditionalGeneration`` and feeds images or videos through the processor)."""
+
+    model_id = "vtoken_llava_onevision"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("pretrained", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
+        self._init_vtoken(LlavaHf, kwargs)
+
+
 class VTokenQwen2VL(_VTokenMixin, Qwen2_VL):
     model_id = "vtoken_qwen2_vl"
 
@@ -176,6 +187,10 @@ def _manifest(cls: type[_VTokenMixin]) -> ModelManifest:
 
 def llava_hf_manifest() -> ModelManifest:
     return _manifest(VTokenLlavaHf)
+
+
+def llava_onevision_manifest() -> ModelManifest:
+    return _manifest(VTokenLlavaOnevision)
 
 
 def qwen2_vl_manifest() -> ModelManifest:

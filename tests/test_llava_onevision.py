@@ -289,3 +289,100 @@ def test_processor_from_disk_drives_generate_with_pruning(tmp_path, visual):
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert sum(k.numel() for k in kept) == keep
     assert int((inputs["input_ids"] == token).sum()) > keep
+
+
+# --- the bench: synthetic inputs, counts and the full-size architecture ----------------------------------
+def test_bench_inputs_counts_and_dims_come_from_the_model():
+    from vtoken.integrations.base import Integration
+
+    model = tiny_llava_onevision()
+    family = Integration.for_model(model)
+    inputs = family.synthetic_inputs(8, 2, 0, "cpu", torch.float32)
+    with torch.no_grad():
+        packed = family.run_vision(inputs)
+    counts = family.visual_counts(inputs)
+    # an image of the tower's size: the tower sees its base view and crops (tiny pinpoints: a 1x2 canvas),
+    # the language model the base view and the canvas unpadded to 6 x 6, each row ended by a newline
+    assert inputs["pixel_values"].shape[1] == 3
+    assert (counts.images, counts.patches, counts.tokens) == (1, 3 * SIDE2, SIDE2 + OV_SIDE * (OV_SIDE + 1))
+    assert [p.shape[0] for p in packed] == [counts.tokens] * 2
+    assert int((inputs["input_ids"][0] == IMAGE_TOKEN).sum()) == counts.tokens
+    assert inputs["input_ids"].shape[1] == 8 + counts.tokens
+    assert family.model_dims().vision.prefix == 0  # SigLIP: no [CLS]
+    with pytest.raises(ValueError, match="accepted: 78 or None"):
+        family.synthetic_inputs(8, 1, 0, "cpu", torch.float32, visual_tokens=64)
+
+
+def test_llava_onevision_7b_architecture_has_the_published_widths():
+    from transformers import AutoModelForImageTextToText
+
+    from vtoken.eval.archs import arch_config
+
+    config = arch_config("llava-onevision-7b")
+    text, vision = config.text_config, config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (1152, 26, 384, 14)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads, text.vocab_size) == (
+        3584, 28, 4, 152128)
+    assert config.vision_feature_select_strategy == "full" and len(config.image_grid_pinpoints) == 36
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.03  # LLaVA-OneVision-7B's count
+    scaled = arch_config("llava-onevision-7b", 1 / 8)
+    assert (scaled.vision_config.num_hidden_layers, scaled.text_config.num_hidden_layers) == (3, 4)
+    assert scaled.text_config.hidden_size == 3584 and scaled.vision_config.hidden_size == 1152
+
+
+def test_bench_runs_a_onevision_model_through_its_integration():
+    from vtoken.eval import bench
+
+    result = bench.run_bench(tiny_llava_onevision(), methods=["cls_attn"], budgets=[10], runs=1, warmup=0,
+                             decode_tokens=1, text_tokens=8, out=None, progress=False)
+    assert result["model_type"] == "llava_onevision" and result["visual_tokens_per_image"] == 78
+    base, pruned = result["rows"]
+    # 10 tokens kept of the base view and the crop, plus the newline of every crop row that keeps one
+    assert base["visual_tokens"] == 78 and 10 < pruned["visual_tokens"] <= 10 + OV_SIDE
+    assert pruned["gflops_llm"] < base["gflops_llm"]
+
+
+# --- lmms-eval ---------------------------------------------------------------------------------------------
+def test_lmms_eval_plugin_evaluates_a_tiny_onevision_checkpoint(tmp_path, monkeypatch):
+    """lmms-eval's own simple_evaluate runs vtoken_llava_onevision (declared as an entry point in pyproject.toml;
+    registered here when the installed metadata predates it) on a tiny checkpoint, and the model it evaluated
+    was wrapped and pruned (lmms-eval's llava_hf loop logs a failed generate() and goes on, so this is checked)."""
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("datasets")
+    from pathlib import Path
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models import MODEL_REGISTRY_V2
+    from lmms_eval.tasks import TaskManager
+
+    from tiny_processors import LLAVA_CHAT_TEMPLATE, save_tiny_checkpoint, tiny_llava_onevision_processor
+    from vtoken.eval import lmms_task
+    from vtoken.integrations import lmms_eval_plugin
+
+    project = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    entry = 'vtoken_llava_onevision = "vtoken.integrations.lmms_eval_plugin:llava_onevision_manifest"'
+    assert entry in project.split('[project.entry-points."lmms_eval.models"]')[1].split("\n[")[0]
+    if "vtoken_llava_onevision" not in MODEL_REGISTRY_V2.list_model_names():  # installed before the entry point
+        MODEL_REGISTRY_V2.register_manifest(lmms_eval_plugin.llava_onevision_manifest())
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = save_tiny_checkpoint(tiny_llava_onevision(), tiny_llava_onevision_processor(), tmp_path / "ov",
+                                  LLAVA_CHAT_TEMPLATE)
+    task_dir = lmms_task.export_task(tmp_path / "task", n_questions=2)
+    seen = []
+    original = lmms_eval_plugin._wrap
+
+    def wrap_and_remember(model, options):
+        original(model, options)
+        seen.append(model)
+
+    monkeypatch.setattr(lmms_eval_plugin, "_wrap", wrap_and_remember)
+    out = simple_evaluate(model="vtoken_llava_onevision", model_args=f"pretrained={folder},method=cls_attn,keep=16",
+                          tasks=["vtoken_scenes"], task_manager=TaskManager(include_path=str(task_dir)),
+                          batch_size=1, device="cpu", limit=2, gen_kwargs="max_new_tokens=2")
+    assert out["n-samples"]["vtoken_scenes"]["effective"] == 2
+    assert 0.0 <= out["results"]["vtoken_scenes"]["accuracy,none"] <= 1.0
+    (model,) = seen
+    stats = model.vtoken.stats
+    assert sum(k.numel() for k in stats.kept["projector"]) == 16, "the last question's image kept 16 tokens"
