@@ -41,6 +41,9 @@ class DecodeState:
     units:   ``[B]`` images per row (a per-image budget is multiplied by it).
     steps:   cached decoding steps run so far.
     history: one ``(step, [B, k] kept visual positions, -1 filled)`` per choice, rows in the cache's order.
+    copies:  rows per prompt (beams, several returned sequences: generate puts a prompt's rows together).
+    store:   generation without a cache: the choices made so far along each sequence, by (prompt, the
+             tokens generated), so that a beam finds its own whichever row beam search moves it to.
     """
 
     groups: list[Entries]
@@ -48,6 +51,8 @@ class DecodeState:
     units: Tensor
     steps: int = 0
     history: list[tuple[int, Tensor]] = field(default_factory=list)
+    copies: int = 1
+    store: dict[tuple, list[tuple[int, Tensor]]] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -90,6 +95,39 @@ def step_mask(live: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min)
     return blocked[:, None, None, :]
+
+
+def blocked_after_choices(visual: Tensor, histories: list[list[tuple[int, Tensor]]], length: int) -> Tensor:
+    """Generation without a cache: ``[B, F, F]`` over sequence positions, True where the query at a
+    generated position may not see a visual key that a choice made before that query's step removed.
+    ``visual`` ``[B, P]``; ``histories[b]``: row b's ``(step, kept positions)`` choices; F = P + generated."""
+    batch, prompt = visual.shape
+    blocked = torch.zeros(batch, length, length, dtype=torch.bool, device=visual.device)
+    for row, history in enumerate(histories):
+        for step, kept in history:
+            removed = visual[row].clone()
+            removed[kept[kept >= 0]] = False
+            # the token consumed by step j sits at P + j - 1; a choice after step s serves steps s + 1 on
+            blocked[row, prompt + step:, :prompt] = removed
+    return blocked
+
+
+def allowed_as_mask(mask, blocked: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
+    """A no-cache pass's layer mask (None, boolean or additive 4-D) with ``blocked`` ``[B, L, L]`` hidden."""
+    if mask is None:
+        size = blocked.shape[-1]
+        allowed = torch.ones(size, size, dtype=torch.bool, device=blocked.device).tril()[None] & ~blocked
+        if implementation == "sdpa":
+            return allowed[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+    if not isinstance(mask, Tensor) or mask.dim() != 4:
+        raise ValueError("generation without a cache under a decode stage needs eager or SDPA attention (a 4-D "
+                         f"mask per query); got {type(mask).__name__} of {getattr(mask, 'dim', lambda: '?')()} dims: "
+                         "use use_cache=True or attn_implementation='sdpa'")
+    if mask.dtype == torch.bool:
+        return mask & ~blocked[:, None]
+    return mask.masked_fill(blocked[:, None], torch.finfo(mask.dtype).min)
 
 
 def keep_index(stay: Tensor) -> tuple[Tensor, Tensor]:

@@ -88,6 +88,7 @@ class DecoderCall:
     layers: list[tuple[int, Tensor, Tensor | None, Tensor]] = field(default_factory=list)
     prefilled: bool = False
     decode: Any = None  # the decode site's DecodeState, from the end of the prefill on
+    copies: int = 1  # rows per prompt after expand
 
     def expand(self, batch: int) -> None:
         """Repeat each row for beam search / several returned sequences (generate expands the batch
@@ -98,6 +99,7 @@ class DecoderCall:
         if batch % rows:
             raise RuntimeError(f"the decoder received {batch} rows for a prefill prepared with {rows}")
         factor = batch // rows
+        self.copies = factor
         self.visual = self.visual.repeat_interleave(factor, dim=0)
         self.units = self.units.repeat_interleave(factor, dim=0)
         if self.attention_mask is not None:
@@ -115,6 +117,7 @@ class _Step:
     layers: dict[int, tuple[Tensor, Tensor | None, Tensor]] = field(default_factory=dict)
     current: tuple[Tensor, Tensor | None] | None = None
     decode: Any = None  # a cached step of a pipeline with a decode site: its DecodeStep
+    recompute: Any = None  # a no-cache pass of such a pipeline over generated tokens: its RecomputeStep
 
 
 class DecoderSites(SiteHooks):
@@ -164,12 +167,6 @@ class DecoderSites(SiteHooks):
         finally:
             calls.end(self.key, call)
 
-    def check_recompute(self) -> None:
-        """Refuse generation without a KV cache when a stage runs at the decode site."""
-        if self.decode is not None:
-            raise ValueError(f"a stage at the {self.decode.site} site removes entries from the KV cache while "
-                             "decoding, so it needs use_cache=True; generate with the cache, or drop the decode stage")
-
     def kept_positions(self, call: Call) -> tuple[Tensor, Tensor | None] | None:
         """After a prefill: the positions of the decoder input present after the last llm(K) site, and
         the dead slots among them (None when no site ran)."""
@@ -206,8 +203,11 @@ class DecoderSites(SiteHooks):
                 raise RuntimeError(f"the decoder received {length} positions, but the prefill that was "
                                    f"prepared for it had {state.visual.shape[1]}")
             step = _Step("prefill", state)
-        elif state is not None and length >= state.length and state.layers:
+        elif state is not None and length >= state.length and (state.layers or state.decode is not None):
             step = _Step("recompute", state, layers=_extend_layers(state, length))
+            if state.decode is not None and length > state.length:
+                step.recompute = self.decode.begin_recompute(state.decode, call.parts.get("decoder_generated"),
+                                                             length)
         call.parts["decoder_step"] = step
 
     def _after_decoder(self, module: Any, args: tuple, output: Any) -> None:
@@ -221,9 +221,12 @@ class DecoderSites(SiteHooks):
             step.state.keys.clear()
             if self.decode is not None:
                 state = step.state
-                state.decode = self.decode.start(state.visual, state.units, state.attention_mask, state.layers)
+                state.decode = self.decode.start(state.visual, state.units, state.attention_mask, state.layers,
+                                                 state.copies)
         elif step is not None and step.decode is not None:
             self.decode.end_step(step.decode, step.state.decode, call.stats)
+        elif step is not None and step.recompute is not None:
+            self.decode.end_recompute(step.recompute, step.state.decode, call.stats)
         own = call.parts.pop("decoder_owned", None)
         if own is not None:
             self.end_call(own)
@@ -256,6 +259,8 @@ class DecoderSites(SiteHooks):
                 step.current = (full, dead)
             if step.current is not None:
                 gather_prefill_kwargs(kwargs, *step.current)
+            if step.recompute is not None:
+                self.decode.recompute_layer(step.recompute, index, kwargs, hidden, step.current)
         elif step.decode is not None:
             self.decode.layer_mask(step.decode, state.decode, index, kwargs, hidden)
         elif state.layers and index >= state.layers[0][0]:

@@ -223,8 +223,6 @@ class HFVisionLanguage(Integration):
             with torch.no_grad():  # generate() itself runs without gradients; so does its prefill here
                 prepared = self.prepare(inputs, for_generate=True, call=call)
             if not wants_cache(self.model, inputs):
-                if self.decoder is not None:
-                    self.decoder.check_recompute()
                 # without a cache every step runs the whole sequence: generate gets the caller's text
                 # alone, and _generate_step puts the prepared prompt in front of each step's new tokens
                 if prepared.get("attention_mask") is None:
@@ -259,6 +257,7 @@ class HFVisionLanguage(Integration):
             return value.repeat_interleave(rows, dim=-2 if name == "position_ids" and value.dim() == 3 else 0)
 
         new = ids[:, length:]
+        call.parts["decoder_generated"] = new  # a decode site follows each sequence by its tokens
         out = {k: v for k, v in inputs.items() if k != "input_ids"}
         embeds = prompt("inputs_embeds")
         out["inputs_embeds"] = torch.cat([embeds, self.model.get_input_embeddings()(new).to(embeds.dtype)], dim=1)

@@ -379,6 +379,11 @@ def llm_pyramid() -> SiteStage:
     return SiteStage("pyramid", "fastv@llm(2)+dart@llm(3)", options, dict(keep=1.0, fastv={"keep": 1.0}))
 
 
+def decode_site() -> SiteStage:
+    """decode_topk after every decoding step, one visual entry per image left after the first choice."""
+    return SiteStage("decode", "decode_topk", dict(keep=1, site="decode"), dict(keep=1.0, site="decode"))
+
+
 def vision_cls_attn(keep: int) -> SiteStage:
     return SiteStage("vision(1)", "cls_attn", dict(keep=keep, site="vision(1)"), dict(keep=1.0, site="vision(1)"))
 
@@ -405,26 +410,26 @@ VIT_ROWS = [41, 42, 43]
 
 CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
-         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), vision_cls_attn(8), vision_pixel_shuffle(),
-          SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))], lm_head),
+         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), vision_cls_attn(8),
+          vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))], lm_head),
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
-         [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid()], lm_head,
+         [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
          notes="no vision(L) site: the AnyRes packing needs every view's full grid"),
     Case("llava_onevision", "llava_onevision", "llava_onevision", True, tiny_llava_onevision, ONEVISION_ROWS,
          onevision_inputs, [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)),
-                            llm("dart", 10), llm("fastv", 10), llm_pyramid()], lm_head,
+                            llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
          notes="no vision(L) site: AnyRes-max packing and video pooling need every view's full grid"),
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl", True, functools.partial(tiny_qwen, "2"), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), vision_cls_attn(3), vision_pixel_shuffle()],
-         lm_head),
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), vision_cls_attn(3),
+          vision_pixel_shuffle()], lm_head),
     Case("qwen2_5_vl", "qwen2_vl", "qwen2_5_vl", True, functools.partial(tiny_qwen, "2.5"), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid()], lm_head,
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
          notes="no vision(L) site: the tower un-permutes its windows with full-size indices"),
     Case("qwen3_vl", "qwen3_vl", "qwen3_vl", True, functools.partial(tiny_qwen3_vl, False), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid()], lm_head,
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("qwen3_vl_moe", "qwen3_vl", "qwen3_vl_moe", True, functools.partial(tiny_qwen3_vl, True), QWEN_ROWS,
-         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid()], lm_head,
+         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("qwen3_5", "qwen3_5", "qwen3_5", True, functools.partial(tiny_qwen3_5, False), QWEN_ROWS, qwen_inputs,
          [projector(3)], lm_head, notes="hybrid decoder: projector site only"),

@@ -197,8 +197,7 @@ def test_one_scoring_layer_and_a_stage_after_llm_sites(model):
     assert [layer.keys.shape[2] for layer in out.past_key_values.layers] == [text + 10 + STEPS - 1] * 4
 
 
-def test_wrap_and_generate_refuse_what_the_decode_site_cannot_do(model):
-    batch = llava_batch(PROMPTS[:1], seed=3)
+def test_wrap_refuses_what_the_decode_site_cannot_do(model):
     with pytest.raises(ValueError, match="decode_topk.*accepted sites: 'decode'"):
         vtoken.wrap(model, "decode_topk@llm(2)", keep=8)
     with pytest.raises(ValueError, match="'fastv' cannot run at decode"):
@@ -207,6 +206,28 @@ def test_wrap_and_generate_refuse_what_the_decode_site_cannot_do(model):
         vtoken.wrap(model, "decode_topk@decode(0)", keep=8)
     with pytest.raises(ValueError, match="layer=7 does not exist"):
         vtoken.wrap(model, "decode_topk", keep=8, layer=7)
+    with pytest.raises(ValueError, match="one decode site per pipeline"):
+        vtoken.wrap(model, vtoken.Pipeline([DecodeTopK(keep=8), DecodeTopK(keep=8, site="decode(2)")]))
     assert not hasattr(model, "vtoken")
-    with wrapped(model), pytest.raises(ValueError, match="needs use_cache=True"):
-        model.generate(**batch, max_new_tokens=2, use_cache=False)
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=False), dict(do_sample=False, num_beams=3, num_return_sequences=2),
+                                     dict(do_sample=True, num_return_sequences=2)])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_generation_without_cache_makes_the_same_choices(options, attn):
+    """use_cache=False runs the whole sequence at every step: each generated query is hidden from what the
+    choices before its step removed, and the same choices are made (each beam keeps its own, found by
+    its tokens whichever row beam search moves it to)."""
+    model = tiny_llava(attn, seed=8)
+    batch = llava_batch(PROMPTS, seed=3)
+    runs = {}
+    with wrapped(model):
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            out = model.generate(**batch, max_new_tokens=STEPS, use_cache=use_cache, **options)
+            runs[use_cache] = (out, model.vtoken.stats.kept[f"decode({EVERY})"])
+    (cached, kept_cached), (recomputed, kept_recomputed) = runs[True], runs[False]
+    assert torch.equal(cached, recomputed), f"{cached[:, -STEPS:].tolist()} vs {recomputed[:, -STEPS:].tolist()}"
+    assert len(kept_cached) == len(kept_recomputed)
+    for row, (a, b) in enumerate(zip(kept_cached, kept_recomputed)):
+        assert [(step, k.tolist()) for step, k in a] == [(step, k.tolist()) for step, k in b], f"row {row}'s choices"
