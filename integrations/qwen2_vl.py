@@ -21,8 +21,9 @@ Map of the model:
   that block's own ``qkv`` projection and 2-D rotary embedding, within the segments the block itself
   attends over (whole images, or windows at a Qwen2.5-VL window block), then averaged over each 2x2
   merge group, as the PatchMerger merges the patches.
-- Video: one unit per clip by default (an int budget is per clip, spread over all its frames);
-  ``video_budget='frame'`` gives each frame its own budget and grid.
+- Video: one unit per clip by default (an int budget is per clip, spread over all its frames), handed
+  to the projector stages with its (t, h, w) layout (``TokenSet.layout``: temporal stages such as
+  dycoke and holitom compare frames); ``video_budget='frame'`` gives each frame its own budget and grid.
 - ``model.model.language_model``: Qwen2 decoder with M-RoPE; the ``llm(K)`` site lives there.
 """
 
@@ -157,9 +158,17 @@ class Qwen2VLIntegration(HFVisionLanguage):
                     slots = torch.arange(features[item].shape[0], device=features[item].device)[span]
                     units.append(VisualUnit(
                         block=len(blocks) - 1, features=features[item][span],
-                        grid=grid if (t == 1 or frames > 1) else None, signals=signal, index=slots,
+                        grid=self._unit_grid(kind, t, grid, frames), signals=signal, index=slots,
                     ))
         return Encoded(blocks=blocks, units=units, scoring_seconds=scoring)
+
+    @staticmethod
+    def _unit_grid(kind: str, t: int, grid: tuple[int, int], frames: int) -> tuple[int, ...] | None:
+        """An image's or a frame's (h, w); a whole clip's (t, h, w), which the TokenSet takes as its clip
+        layout (temporal stages compare each token with the same place in other frames)."""
+        if kind == "video" and frames == 1:
+            return (t, *grid)
+        return grid if (t == 1 or frames > 1) else None
 
     def _visual_features(self, kind: str, pixels: Tensor, grid_thw: Tensor) -> tuple[list[Tensor], list | None]:
         """Merged features per image or clip, and, after vision(L) pruning, each one's surviving merge

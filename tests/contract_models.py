@@ -474,6 +474,56 @@ ONEVISION_MULTI_CASES: list[Case] = [
 CASES_BY_NAME.update({case.name: case for case in ONEVISION_MULTI_CASES})
 
 
+# --- Qwen2-VL / Qwen2.5-VL video: temporal stages (dycoke, holitom) on clips ----------------------------
+def qwen2_video_inputs(model, rows: list, side: str) -> dict:
+    """Rows of text ids and ("video", t, h, w, seed, repeat) clips (sizes in patches), each clip one
+    <vision_start> run as Qwen2-VL's processor writes it; ``repeat``: each temporal patch's pixels are
+    repeated that many times in a row (plus a little noise), so the temporal stages find frames alike."""
+    sequences, kinds, grids, pixels = [], [], [], []
+    for row in rows:
+        ids, types = [BOS], [0]
+        for item in row:
+            if isinstance(item, int):
+                ids.append(item)
+                types.append(0)
+                continue
+            _, t, h, w, seed, repeat = item
+            frames = _pixels(seed, -(-t // repeat), h * w, 3 * 2 * Q_PATCH * Q_PATCH)
+            clip = frames.repeat_interleave(repeat, dim=0)[:t]
+            if repeat > 1:  # alike, not equal: equal frames tie every similarity, up to rounding
+                clip = clip + 0.05 * _pixels(seed + 1, *clip.shape)
+            pixels.append(clip.flatten(0, 1))
+            grids.append([t, h, w])
+            ids += [Q_START] + [Q_VIDEO] * (t * h * w // 4) + [Q_END]
+            types += [0] + [2] * (t * h * w // 4) + [0]
+        sequences.append(ids)
+        kinds.append(types)
+    batch = _pad(sequences, side)
+    types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
+    width = types.shape[1]
+    for row, row_kinds in enumerate(kinds):
+        span = slice(width - len(row_kinds), width) if side == "left" else slice(0, len(row_kinds))
+        types[row, span] = torch.tensor(row_kinds, dtype=torch.int)
+    batch.update(mm_token_type_ids=types, pixel_values_videos=torch.cat(pixels), video_grid_thw=torch.tensor(grids))
+    return batch
+
+
+#: a clip of 4 frames (2 x 4 tokens each, frames 0-1 and 2-3 alike), one of 6 frames (each of 3 shown
+#: twice), and a 4-frame clip of 4 different frames; prompt lengths differ
+QWEN2_VIDEO_ROWS = [[20, ("video", 4, 4, 8, 71, 2), 30, 31], [21, 22, ("video", 6, 4, 8, 72, 2), 32],
+                    [23, ("video", 4, 4, 8, 73, 1), 33, 34, 35]]
+#: the temporal stages at the projector; 12 tokens per clip (a 4-frame clip has 32, a 6-frame one 48)
+VIDEO_STAGES = [SiteStage("projector", method, dict(keep=12), dict(keep=1.0)) for method in ("dycoke", "holitom")]
+#: Qwen2-VL and Qwen2.5-VL on clips. Not in CASES: their stages need clips, and test_contract.py's labels
+#: clause lays the labels out for image rows; tests/test_video_stages.py runs every other clause on these.
+QWEN2_VIDEO_CASES: list[Case] = [
+    Case(f"{case.name}_video", case.integration, case.model_type, True, case.build_model, QWEN2_VIDEO_ROWS,
+         qwen2_video_inputs, VIDEO_STAGES, lm_head, run=vlm_logits, notes="video clips with repeated frames")
+    for case in CASES if case.integration == "qwen2_vl"
+]
+CASES_BY_NAME.update({case.name: case for case in QWEN2_VIDEO_CASES})
+
+
 def case_stages(vlm: bool | None = None) -> list:
     """``(case, stage)`` pairs for pytest parametrisation, with ids ``case-site:method``."""
     import pytest

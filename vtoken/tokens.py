@@ -12,6 +12,11 @@ from torch import Tensor
 NO_GRID = ("{stage} needs the tokens on one full (h, w) grid, and these form none: a video clip's tokens "
            "span several frames (on Qwen2-VL pass video_budget='frame' to merge frame by frame), or the "
            "integration gives no grid here (e.g. a vision_feature_select_strategy that keeps [CLS])")
+#: why a temporal stage cannot run on these tokens (raised at call time, as NO_GRID is)
+NO_CLIP = ("{stage} compares each token with the same place in other frames, so it needs a video clip's tokens "
+           "with their (frame, row, column) layout, all of them; these are {why}. Run it at the projector "
+           "on video inputs of a model whose integration gives clip layouts (Qwen2-VL, Qwen2.5-VL with "
+           "video_budget='clip'), before any stage that selects a subset")
 
 
 @dataclass
@@ -21,6 +26,12 @@ class TokenSet:
     features: ``[B, N, D]`` token features at the site.
     index:    ``[B, N]`` original index of each token within its unit (0..N0-1 before any pruning).
     grid:     ``(h, w)`` while the tokens still form the full row-major grid, else None.
+    layout:   ``(t, h, w)`` for a video clip: the frames and the per-frame grid of the clip that ``index``
+              counts in (original index = frame * h * w + row * w + column), so a stage can find the same
+              place in other frames. It describes the original clip, so it stays as it is through
+              ``take`` and ``apply`` (only the tokens thin out); None for images. Integrations may pass a
+              clip's ``(t, h, w)`` as ``grid``: it becomes the layout, and the grid is ``(h, w)`` when the
+              clip is one full frame, else None.
     weights:  ``[B, N]`` how many original patches each token stands for (1 unless merged).
     signals:  per-token signals a stage asked for, each ``[B, N, ...]`` (e.g. ``"cls_attn"``); they are
               gathered together with the tokens.
@@ -35,8 +46,12 @@ class TokenSet:
     signals: dict[str, Tensor] = field(default_factory=dict)
     context: dict[str, Tensor] = field(default_factory=dict)
     units: int = 1
+    layout: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.grid is not None and len(self.grid) == 3:  # a clip's (t, h, w): see the docstring
+            t, h, w = self.layout = tuple(int(v) for v in self.grid)
+            self.grid = (h, w) if t == 1 and h * w == self.features.shape[1] else None
         if self.features.dim() != 3:
             raise ValueError(f"TokenSet.features must be [B, N, D]; got shape {tuple(self.features.shape)}")
         if self.index.shape != self.features.shape[:2]:
@@ -66,6 +81,13 @@ class TokenSet:
             return self.weights
         return torch.ones(self.features.shape[:2], device=self.features.device, dtype=self.features.dtype)
 
+    def clip_positions(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(frame, row, column) of every token ``[B, N]`` each, from ``index`` and ``layout``."""
+        if self.layout is None:
+            raise ValueError("these tokens have no clip layout (they are not a video clip's)")
+        _, h, w = self.layout
+        return self.index // (h * w), self.index % (h * w) // w, self.index % w
+
     def take(self, positions: Tensor) -> "TokenSet":
         """The tokens at ``positions`` ``[B, K]`` (positions into this set), signals included; no grid."""
         return replace(
@@ -88,6 +110,17 @@ class TokenSet:
                 1, keep.assign.clamp(min=0), self.token_weights() * (keep.assign >= 0)
             )
         return replace(kept, features=keep.features, grid=keep.grid, weights=weights)
+
+
+def require_clip(tokens: TokenSet, stage: str) -> tuple[int, int, int]:
+    """The ``(t, h, w)`` layout of a full clip's tokens, or the NO_CLIP error naming ``stage``."""
+    if tokens.layout is None:
+        raise ValueError(NO_CLIP.format(stage=stage, why="an image's or a single frame's tokens, with no layout"))
+    t, h, w = tokens.layout
+    if tokens.num_tokens != t * h * w:
+        raise ValueError(NO_CLIP.format(stage=stage, why=f"{tokens.num_tokens} of the {t * h * w} tokens of a "
+                                        f"{t}x{h}x{w} clip (an earlier stage selected a subset)"))
+    return t, h, w
 
 
 @dataclass

@@ -5,8 +5,10 @@ from .cdpruner import CDPruner
 from .cls_attn import ClsAttn
 from .dart import Dart
 from .decode_topk import DecodeTopK
+from .dycoke import DyCoke
 from .fastv import FastV
 from .hiprune import HiPrune
+from .holitom import HoliTom
 from .kcenter import KCenter
 from .pixel_shuffle import PixelShuffle
 from .pool import Pool
@@ -14,5 +16,5 @@ from .random import RandomKeep
 from .repshift import RepShift
 from .visionzip import VisionZip
 
-__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "FastV", "HiPrune", "KCenter", "PixelShuffle", "Pool",
-           "RandomKeep", "RepShift", "VisionZip"]
+__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "FastV", "HiPrune", "HoliTom", "KCenter",
+           "PixelShuffle", "Pool", "RandomKeep", "RepShift", "VisionZip"]
