@@ -173,3 +173,14 @@ def cache_bytes(cache) -> int:
             if isinstance(tensor, Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def generated_cache_bytes(model, inputs: dict, new_tokens: int) -> int:
+    """Bytes of the KV cache that a greedy ``generate()`` of ``new_tokens`` tokens leaves: the cache its last
+    decoding steps attended to. With a decode-site stage that is what the stage's choices left; without
+    one, the whole prompt's. Paired with the same call on the unwrapped model, it is the KV-cache saving
+    a benchmark reports for the decode site (the cache after the prefill is the same for both)."""
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(output, "cache", None)
+    return cache_bytes(cache if cache is not None else output.past_key_values)

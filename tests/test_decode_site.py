@@ -16,7 +16,7 @@ import torch
 import vtoken
 from test_llm_pyramid import decoder_inputs
 from tiny_models import IMAGE_TOKEN, llava_batch, prompt_ids, tiny_llava
-from vtoken.integrations.decode_cache import cache_bytes
+from vtoken.integrations.decode_cache import cache_bytes, generated_cache_bytes
 from vtoken.stages import DecodeTopK
 
 PROMPTS = [prompt_ids([20, 21], 1, [30, 31, 32, 33]), prompt_ids([22], 1, [34, 35])]
@@ -176,6 +176,9 @@ def test_removed_entries_are_freed_from_the_cache(model):
     visual = PROMPTS[0].count(IMAGE_TOKEN)
     assert cache_bytes(plain.past_key_values) == per_entry * (prompt + STEPS - 1)
     assert cache_bytes(pruned.past_key_values) == per_entry * (prompt - visual + KEEP + STEPS - 1)
+    assert generated_cache_bytes(model, batch, STEPS) == cache_bytes(plain.past_key_values)
+    with wrapped(model):
+        assert generated_cache_bytes(model, batch, STEPS) == cache_bytes(pruned.past_key_values)
     for layer in pruned.past_key_values.layers:
         assert layer.keys.shape[2] == prompt - visual + KEEP + STEPS - 1
 
