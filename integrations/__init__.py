@@ -6,7 +6,8 @@ from .llava_next import LlavaNextIntegration
 from .llava_onevision import LlavaOnevisionIntegration
 from .open_clip_vit import OpenClipViTIntegration
 from .qwen2_vl import Qwen2VLIntegration
-from .qwen3_vl import Qwen3_5Integration, Qwen3VLIntegration
+from .qwen3_5 import Qwen3_5Integration
+from .qwen3_vl import Qwen3VLIntegration
 from .timm_vit import TimmViTIntegration
 
 __all__ = [

@@ -53,8 +53,9 @@ def gather_decode_mask(kwargs: dict, prefill_length: int, index: Tensor, dead: T
         return  # no mask: every cached key is attended, and this layer's cache holds only kept ones
     cache = cache_of(kwargs)
     if kv_length is None:
-        new = kwargs.get("position_embeddings")[0].shape[-2]
-        kv_length = cache.get_seq_length() + new
+        # the cache's length is read from its first attention layer, which runs before every llm(K) layer
+        # and has already taken this step's tokens
+        kv_length = cache.get_seq_length()
     generated = torch.arange(prefill_length, kv_length, device=index.device).expand(index.shape[0], -1)
     columns = torch.cat([index, generated], dim=1)
     dead = None if dead is None else torch.cat([dead, torch.zeros_like(generated, dtype=torch.bool)], 1)

@@ -187,28 +187,3 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         projector = ProjectorDims(in_dim=width, hidden=width * merge * (1 + self.deepstack_levels()),
                                   out_dim=int(vision.out_hidden_size), group=merge)
         return ModelDims(tower, projector, llm_dims_from_config(config.text_config))
-
-
-@register_integration("qwen3_5")
-class Qwen3_5Integration(Qwen3VLIntegration):
-    """Qwen3.5 and Qwen3.5-MoE (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``).
-
-    The vision side is Qwen3-VL's without DeepStack (one merger); positions as Qwen3-VL's. The decoder
-    is hybrid: most layers are linear-attention (Gated DeltaNet: a causal convolution and a recurrent
-    state per layer, in the cache next to the full-attention layers' keys and values). Only the
-    ``projector`` site: pruning before the language model shortens the prompt for every layer alike.
-    """
-
-    model_types: ClassVar[tuple[str, ...]] = ("qwen3_5", "qwen3_5_moe")
-    unsupported_sites: ClassVar[dict[str, str]] = {
-        "vision": _NO_VISION_SITE,
-        "llm": ("its hybrid decoder's linear-attention layers carry a convolution and a recurrent state, not a "
-                "key/value cache; vtoken's llm(K) shortens the sequence through the attention layers' masks and "
-                "rotary tables and has no verified way to give those states only the kept tokens"),
-    }
-
-    def supported_site_kinds(self) -> tuple[str, ...]:
-        return ("projector",)
-
-    def model_dims(self) -> ModelDims:
-        raise self._lacks("model dimensions for FLOPs (its linear-attention decoder layers are not modelled)")

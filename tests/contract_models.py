@@ -408,6 +408,12 @@ ONEVISION_MULTI_ROWS = [[20, ("image", (60, 110), 64), 30, ("image", (100, 40), 
                         [23, ("image", (160, 170), 67), ("video", 2, 68), 33, 34]]
 VIT_ROWS = [41, 42, 43]
 
+#: tiny Qwen3.5 layers: linear, full, linear, full attention. llm(2) follows the first full-attention layer
+#: (FastV and DART read it); kcenter needs no signal, so llm(3) after a linear-attention layer serves it
+QWEN3_5_STAGES = [projector(3), llm("dart", 3), llm("fastv", 3),
+                  SiteStage("llm(3)", "kcenter", dict(keep=3, site="llm(3)"), dict(keep=1.0, site="llm(3)"))]
+QWEN3_5_NOTES = "hybrid decoder: llm(K) after the first full-attention layer; signals where layer K-1 is one"
+
 CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
          [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), vision_cls_attn(8),
@@ -432,9 +438,9 @@ CASES: list[Case] = [
          qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("qwen3_5", "qwen3_5", "qwen3_5", True, functools.partial(tiny_qwen3_5, False), QWEN_ROWS, qwen_inputs,
-         [projector(3)], lm_head, notes="hybrid decoder: projector site only"),
+         QWEN3_5_STAGES, lm_head, notes=QWEN3_5_NOTES),
     Case("qwen3_5_moe", "qwen3_5", "qwen3_5_moe", True, functools.partial(tiny_qwen3_5, True), QWEN_ROWS,
-         qwen_inputs, [projector(3)], lm_head, notes="hybrid decoder: projector site only"),
+         qwen_inputs, QWEN3_5_STAGES, lm_head, notes=QWEN3_5_NOTES),
     Case("timm_vit", "timm_vit", "timm.VisionTransformer", False, contract_timm, VIT_ROWS, vit_inputs,
          [vision_cls_attn(4), vision_pixel_shuffle()], lambda m: m.blocks[-1].mlp.fc2.weight, run=timm_run,
          sides=("none",)),

@@ -259,14 +259,6 @@ def test_qwen3_5_keep_all_and_pruned_counts(moe):
     assert seen[0]["attention_mask"].sum(1).tolist() == (text + torch.tensor([3, 6])).tolist()
 
 
-def test_qwen3_5_refuses_llm_and_vision_sites():
-    model = tiny_qwen3_5()
-    with pytest.raises(ValueError, match="linear-attention"):
-        vtoken.wrap(model, "fastv", keep=3, site="llm(2)")
-    with pytest.raises(ValueError, match="vision"):
-        vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
-
-
 @pytest.mark.parametrize("build", [tiny_qwen3_vl, tiny_qwen3_5], ids=["qwen3_vl", "qwen3_5"])
 def test_processor_from_disk_end_to_end(tmp_path, build):
     import numpy as np
@@ -363,7 +355,8 @@ def test_multi_visual_labels_give_the_loss_of_the_returned_logits(case, stage):
         with vtoken.wrapped(model, stage.method, **stage.prune):
             out = model(**batch, labels=labels)
             aligned = _surviving_labels(model, batch, labels, out.logits.shape[1])
-    assert aligned.shape[1] < labels.shape[1]
+            shortened = any(site == "projector" or site.startswith("llm(") for site in model.vtoken.stats.kept)
+    assert aligned.shape[1] < labels.shape[1] if shortened else torch.equal(aligned, labels)
     reference = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), aligned[:, 1:].flatten(),
                                                   ignore_index=-100)
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=0)
