@@ -1,6 +1,7 @@
 """Built-in integrations, one file per model family; importing this package registers them."""
 
 from .base import Integration
+from .internvl import InternVLIntegration
 from .llava import LlavaIntegration
 from .llava_next import LlavaNextIntegration
 from .llava_onevision import LlavaOnevisionIntegration
@@ -11,7 +12,7 @@ from .qwen3_vl import Qwen3VLIntegration
 from .timm_vit import TimmViTIntegration
 
 __all__ = [
-    "Integration", "LlavaIntegration", "LlavaNextIntegration", "LlavaOnevisionIntegration",
+    "Integration", "InternVLIntegration", "LlavaIntegration", "LlavaNextIntegration", "LlavaOnevisionIntegration",
     "OpenClipViTIntegration", "Qwen2VLIntegration",
     "Qwen3VLIntegration", "Qwen3_5Integration", "TimmViTIntegration",
 ]

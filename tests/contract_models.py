@@ -21,6 +21,10 @@ import torch
 from tiny_models import (
     BOS,
     IMAGE_TOKEN,
+    IVL_END,
+    IVL_START,
+    IVL_TILE,
+    IVL_TOKENS,
     OV_PINPOINTS,
     OV_SIDE,
     OV_VIDEO,
@@ -31,6 +35,7 @@ from tiny_models import (
     Q_PATCH,
     Q_START,
     Q_VIDEO,
+    tiny_internvl,
     tiny_llava_next,
     tiny_llava_onevision,
     tiny_qwen,
@@ -309,6 +314,24 @@ def onevision_inputs(model, rows: list, side: str) -> dict:
     return {**_pad(prompts, side), **batch}
 
 
+# --- InternVL --------------------------------------------------------------------------------------------
+def internvl_inputs(model, rows: list, side: str) -> dict:
+    """Rows of text ids and ("image", tiles, seed) items, each image ``<img>`` + 16 placeholders a tile +
+    ``</img>``; a video is written as its frames, one-tile images (the processor's ``FrameN: <img>...``)."""
+    prompts, pixels = [], []
+    for row in rows:
+        prompt = [BOS]
+        for item in row:
+            if isinstance(item, tuple):
+                _, tiles, seed = item
+                prompt += [IVL_START] + [IMAGE_TOKEN] * (IVL_TOKENS * tiles) + [IVL_END]
+                pixels.append(_pixels(seed, tiles, 3, IVL_TILE, IVL_TILE))
+            else:
+                prompt.append(item)
+        prompts.append(prompt)
+    return {**_pad(prompts, side), "pixel_values": torch.cat(pixels)}
+
+
 # --- standalone ViTs ---------------------------------------------------------------------------------
 V_SIZE, V_PATCH = 32, 8  # 4 x 4 = 16 patches
 V_DEPTH = 4
@@ -406,6 +429,13 @@ ONEVISION_ROWS = [[20, ("image", (60, 110), 61), 30, 31], [21, 22, ("image", (16
 ONEVISION_MULTI_ROWS = [[20, ("image", (60, 110), 64), 30, ("image", (100, 40), 65), 31],
                         [21, 22, ("video", 2, 66), 32],
                         [23, ("image", (160, 170), 67), ("video", 2, 68), 33, 34]]
+#: one image a row: 3 tiles (2 crops + thumbnail), 1 tile, 5 tiles
+INTERNVL_ROWS = [[20, ("image", 3, 81), 30, 31], [21, 22, ("image", 1, 82), 32], [23, ("image", 5, 83), 33, 34, 35]]
+#: two images of different tile counts in one prompt; a 3-frame video (FrameN text before each frame); an
+#: image and a 2-frame video
+INTERNVL_MULTI_ROWS = [[20, ("image", 3, 84), 30, ("image", 1, 85), 31],
+                       [21, 11, ("image", 1, 86), 12, ("image", 1, 87), 13, ("image", 1, 88), 32],
+                       [23, ("image", 2, 89), 11, ("image", 1, 90), 12, ("image", 1, 91), 33, 34]]
 VIT_ROWS = [41, 42, 43]
 
 #: tiny Qwen3.5 layers: linear, full, linear, full attention. llm(2) follows the first full-attention layer
@@ -421,6 +451,10 @@ CASES: list[Case] = [
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
          [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
          notes="no vision(L) site: the AnyRes packing needs every view's full grid"),
+    Case("internvl", "internvl", "internvl", True, tiny_internvl, INTERNVL_ROWS, internvl_inputs,
+         [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)), llm("dart", 10),
+          llm("fastv", 10), llm_pyramid()], lm_head,
+         notes="no vision(L) site: pixel_shuffle folds the tower's whole patch grid"),
     Case("llava_onevision", "llava_onevision", "llava_onevision", True, tiny_llava_onevision, ONEVISION_ROWS,
          onevision_inputs, [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)),
                             llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
@@ -478,6 +512,14 @@ ONEVISION_MULTI_CASES: list[Case] = [
          notes="several images per prompt (base views) and 2-frame videos")
 ]
 CASES_BY_NAME.update({case.name: case for case in ONEVISION_MULTI_CASES})
+#: InternVL on rows with two images of different tile counts and videos (frames as one-tile images);
+#: tests/test_internvl.py runs every clause of test_contract.py on it but labels
+INTERNVL_MULTI_CASES: list[Case] = [
+    Case("internvl_multi", "internvl", "internvl", True, tiny_internvl, INTERNVL_MULTI_ROWS, internvl_inputs,
+         CASES_BY_NAME["internvl"].stages, lm_head, run=vlm_logits,
+         notes="several images per prompt and videos as frames")
+]
+CASES_BY_NAME.update({case.name: case for case in INTERNVL_MULTI_CASES})
 
 
 # --- Qwen2-VL / Qwen2.5-VL video: temporal stages (dycoke, holitom) on clips ----------------------------

@@ -336,3 +336,27 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0):
     )
     return eval_model(LlavaOnevisionForConditionalGeneration, config, attn_implementation,
                       (config.text_config, config.vision_config))
+
+
+# --- InternVL ------------------------------------------------------------------------------------
+IVL_TILE = 112  # 112px tiles / patch 14 -> 8 x 8 patches (+ [CLS]), pixel-shuffled to 4 x 4 = 16 tokens
+IVL_TOKENS = (IVL_TILE // 14 // 2) ** 2
+IVL_START, IVL_END = 7, 8  # the word tokenizer's <|vision_start|> / <|vision_end|>, standing for <img> / </img>
+
+
+def tiny_internvl(attn_implementation: str = "sdpa", seed: int = 0):
+    """An InternVL-shaped model: InternViT (with [CLS], q/k norms), pixel shuffle 0.5, MLP projector, Qwen2."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="internvl_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, image_size=[IVL_TILE, IVL_TILE], patch_size=[14, 14], use_qk_norm=True,
+                  norm_type="rms_norm", use_mean_pooling=True)
+    text = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048, pad_token_id=PAD,
+                bos_token_id=BOS, eos_token_id=2)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                            image_seq_length=IVL_TOKENS, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", pad_token_id=PAD, tie_word_embeddings=False)
+    return eval_model(InternVLForConditionalGeneration, config, attn_implementation,
+                      (config.text_config, config.vision_config))

@@ -1,0 +1,126 @@
+"""InternVL: tiles + thumbnail, units after the 0.5 pixel shuffle, [CLS] scores grouped 2x2, several images,
+video frames."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtoken
+from integrations_helpers import lm_image_tokens
+from tiny_models import IVL_TILE, IVL_TOKENS, tiny_internvl
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "InternVLForConditionalGeneration"):
+    pytest.skip("InternVL needs a transformers with InternVLForConditionalGeneration", allow_module_level=True)
+
+import test_contract as contract  # noqa: E402
+from contract_models import ATTENTION, INTERNVL_MULTI_CASES, internvl_inputs  # noqa: E402
+
+PATCH_SIDE = IVL_TILE // 14  # 8 x 8 patches a tile, 4 x 4 tokens after the shuffle
+MODES = ["global", "tile"]
+
+
+def rows_of(*tiles):
+    return [[20 + i, ("image", count, 90 + i), 30] for i, count in enumerate(tiles)]
+
+
+def test_cls_attn_scores_each_token_by_its_2x2_patches_cls_attention():
+    """Per tile, the [CLS] row of the eager attention map in the feature block, [CLS] column dropped, each
+    token scored by the mean over its 2 x 2 block of patches; keep=5 on a one-tile image keeps the top 5."""
+    model = tiny_internvl("eager")
+    inputs = internvl_inputs(model, [[20, ("image", 1, 7), 30]], "left")
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+        row = out.attentions[-1][0].float().mean(0)[0, 1:].view(PATCH_SIDE, PATCH_SIDE)  # heads averaged
+        blocks = row.view(PATCH_SIDE // 2, 2, PATCH_SIDE // 2, 2).mean(dim=(1, 3)).flatten()
+        with vtoken.wrapped(model, "cls_attn", keep=5):
+            model(**inputs)
+            kept = model.vtoken.stats.kept["projector"][0]
+    assert torch.equal(kept, blocks.topk(5).indices.sort().values)
+
+
+def test_pixel_shuffle_grouping_is_2x2_blocks():
+    """The model's pixel_shuffle puts patches (2i + a, 2j + b) into token (i, j): the grouping the scores use."""
+    model = tiny_internvl()
+    patches = torch.arange(PATCH_SIDE * PATCH_SIDE, dtype=torch.float32).view(1, PATCH_SIDE, PATCH_SIDE, 1)
+    shuffled = model.model.pixel_shuffle(patches, scale_factor=0.5).reshape(-1, 4)
+    for token, members in enumerate(shuffled.tolist()):
+        i, j = divmod(token, PATCH_SIDE // 2)
+        expected = {(2 * i + a) * PATCH_SIDE + 2 * j + b for a in (0, 1) for b in (0, 1)}
+        assert set(int(m) for m in members) == expected, f"token {token}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_keep_all_matches_unwrapped_logits(mode):
+    model = tiny_internvl()
+    inputs = internvl_inputs(model, rows_of(3, 1), "left")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with vtoken.wrapped(model, "cls_attn+kcenter", keep=1.0, tile_budget=mode):
+            got = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int_keep_is_exact_per_image(mode):
+    """keep=10: the language model receives exactly 10 visual tokens per image, whatever its tile count; with
+    tile_budget='tile' the tiles share them equally (3 tiles: 4, 3, 3) and each keeps tokens of its own tile."""
+    model = tiny_internvl()
+    rows = [[20, ("image", 3, 1), 30, ("image", 1, 2), 31]]
+    inputs = internvl_inputs(model, rows, "left")
+    with vtoken.wrapped(model, "cls_attn", keep=10, tile_budget=mode), torch.no_grad():
+        received = lm_image_tokens(model, inputs)[0]
+        kept = model.vtoken.stats.kept["projector"]
+    assert received == 20
+    if mode == "global":
+        assert [k.numel() for k in kept] == [10, 10]
+    else:
+        assert [k.numel() for k in kept] == [4, 3, 3, 10]
+        for tile, slots in enumerate(kept[:3]):
+            assert ((slots >= tile * IVL_TOKENS) & (slots < (tile + 1) * IVL_TOKENS)).all()
+
+
+def test_tile_budget_fraction_applies_per_tile():
+    model = tiny_internvl()
+    inputs = internvl_inputs(model, rows_of(3), "left")
+    with vtoken.wrapped(model, "kcenter", keep=0.25, tile_budget="tile"), torch.no_grad():
+        model(**inputs)
+        kept = model.vtoken.stats.kept["projector"]
+    assert [k.numel() for k in kept] == [IVL_TOKENS // 4] * 3
+
+
+def test_vision_site_and_bad_options_are_refused():
+    model = tiny_internvl()
+    with pytest.raises(ValueError, match="no vision site .*pixel_shuffle"):
+        vtoken.wrap(model, "cls_attn", keep=4, site="vision(1)")
+    with pytest.raises(ValueError, match="tile_budget='view'; accepted: global, tile"):
+        vtoken.wrap(model, "kcenter", keep=4, tile_budget="view")
+    assert not model._forward_pre_hooks
+
+
+def test_placeholders_that_do_not_fit_the_tiles_are_named():
+    model = tiny_internvl()
+    inputs = internvl_inputs(model, rows_of(2), "left")
+    inputs["pixel_values"] = inputs["pixel_values"][:1]
+    with vtoken.wrapped(model, "kcenter", keep=4), pytest.raises(ValueError, match="placeholder runs"):
+        model(**inputs)
+
+
+# --- several images and videos through the contract clauses ---------------------------------------------
+MULTI_STAGES = [pytest.param(case, stage, id=f"{case.name}-{stage.id}") for case in INTERNVL_MULTI_CASES
+                for stage in case.stages]
+
+
+@pytest.mark.parametrize("case,stage", MULTI_STAGES)
+def test_multi_visual_contract(case, stage):
+    for attn in ATTENTION:
+        contract.test_keep_all_matches_unwrapped_logits(case, stage, attn)
+    contract.test_unwrap_restores_parameters_hooks_and_outputs(case, stage)
+    for mode in contract.GENERATION_MODES:
+        contract.test_cached_generate_equals_recomputation(case, stage, mode)
+    for side in case.sides:
+        contract.test_padded_batch_equals_members_alone(case, stage, side)
+    contract.test_threads_give_each_calls_single_result(case, stage)
+    contract.test_deepcopy_is_an_independent_wrapped_model(case, stage)
