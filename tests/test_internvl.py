@@ -124,3 +124,40 @@ def test_multi_visual_contract(case, stage):
         contract.test_padded_batch_equals_members_alone(case, stage, side)
     contract.test_threads_give_each_calls_single_result(case, stage)
     contract.test_deepcopy_is_an_independent_wrapped_model(case, stage)
+
+
+# --- a processor saved and reloaded ----------------------------------------------------------------------
+@pytest.mark.parametrize("visual", ["image", "video"])
+def test_processor_from_disk_drives_generate_with_pruning(tmp_path, visual):
+    """InternVL's processor (tiles + thumbnail; a video as FrameN: <img>...</img> frames), saved and reloaded,
+    drives generate(): keep=1.0 equals the unwrapped model, keep=6 keeps 6 tokens per image (per frame)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tiny_processors import LLAVA_CHAT_TEMPLATE, save_tiny_checkpoint, tiny_internvl_processor
+
+    model = tiny_internvl()
+    folder = save_tiny_checkpoint(model, tiny_internvl_processor(), tmp_path / "internvl", LLAVA_CHAT_TEMPLATE)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = type(model).from_pretrained(folder).eval()
+    model.generation_config.eos_token_id = None
+    rng = np.random.RandomState(0)
+    if visual == "image":
+        image = Image.fromarray(rng.randint(0, 255, (120, 230, 3), dtype=np.uint8))
+        inputs = processor(images=[image], text="what is in the <image> image", return_tensors="pt")
+        assert inputs["pixel_values"].shape[0] == 3, "two crops and the thumbnail"
+        images = 1
+    else:
+        video = rng.randint(0, 255, (3, 90, 90, 3), dtype=np.uint8)
+        inputs = processor(videos=[video], text="<|video_pad|> what is red", return_tensors="pt")
+        images = 3  # one per frame
+    expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with vtoken.wrapped(model, "cls_attn", keep=1.0):
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+    with vtoken.wrapped(model, "cls_attn", keep=6):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        kept = model.vtoken.stats.kept["projector"]
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert [k.numel() for k in kept] == [6] * images

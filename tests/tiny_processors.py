@@ -7,8 +7,9 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<unk>", "<|image_pad|>", "<|vide
             "<|vision_end|>"]
 
 
-def word_tokenizer():
-    """A whitespace word-level tokenizer whose special ids match tiny_models (pad 0, bos 1, <image> 3...)."""
+def word_tokenizer(extra_special_tokens: dict | None = None):
+    """A whitespace word-level tokenizer whose special ids match tiny_models (pad 0, bos 1, <image> 3...);
+    ``extra_special_tokens`` names some of them as processors ask (``tokenizer.start_image_token``...)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -20,7 +21,8 @@ def word_tokenizer():
     ])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[3:],
+        additional_special_tokens=SPECIALS[3:], **({"extra_special_tokens": extra_special_tokens}
+                                                   if extra_special_tokens else {}),
     )
     tokenizer.padding_side = "left"
     return tokenizer
@@ -110,4 +112,20 @@ def tiny_llava_onevision_processor():
         tokenizer=word_tokenizer(), video_processor=LlavaOnevisionVideoProcessor(size=view),
         num_image_tokens=OV_SIDE * OV_SIDE, vision_feature_select_strategy="full", video_token="<|video_pad|>",
         vision_aspect_ratio=OV_ASPECT,
+    )
+
+
+def tiny_internvl_processor():
+    """InternVL's processor over the word tokenizer: 112 px tiles (1 to 4 crops + a thumbnail), 16 tokens a
+    tile; <|vision_start|>, <|vision_end|> and <image> stand for <img>, </img> and <IMG_CONTEXT>."""
+    from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+    from tiny_models import IVL_TILE, IVL_TOKENS
+
+    tile = {"height": IVL_TILE, "width": IVL_TILE}
+    tokenizer = word_tokenizer({"start_image_token": "<|vision_start|>", "end_image_token": "<|vision_end|>",
+                                "context_image_token": "<image>", "video_token": "<|video_pad|>"})
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1, max_patches=4),
+        tokenizer=tokenizer, video_processor=InternVLVideoProcessor(size=tile), image_seq_length=IVL_TOKENS,
     )
