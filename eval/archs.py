@@ -56,6 +56,17 @@ QWEN2_7B_OV_TEXT = dict(model_type="qwen2", hidden_size=3584, intermediate_size=
 OV_PINPOINTS = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
 
 
+#: OpenGVLab/InternVL3-8B-hf: InternViT-300M-448px-V2.5 and Qwen2.5-7B
+INTERNVIT_300M = dict(model_type="internvl_vision", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                      num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14], use_qk_norm=False,
+                      norm_type="layer_norm", layer_norm_eps=1e-6, hidden_act="gelu", use_mean_pooling=True)
+QWEN25_7B_INTERNVL3_TEXT = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, vocab_size=151674,
+                                max_position_embeddings=32768, rms_norm_eps=1e-6, bos_token_id=151643,
+                                eos_token_id=151645, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
 def scaled(layers: int, depth_scale: float) -> int:
     """``layers * depth_scale`` rounded, at least 1 (32 at 1/8 -> 4; 24 -> 3; 28 -> 4 (3.5 rounds up))."""
     if not 0 < depth_scale <= 1:
@@ -113,12 +124,23 @@ def llava_onevision_config(depth_scale: float = 1.0) -> Any:
                                 tie_word_embeddings=False)
 
 
+def internvl3_config(depth_scale: float = 1.0) -> Any:
+    from transformers import InternVLConfig
+
+    vision = dict(INTERNVIT_300M, num_hidden_layers=scaled(24, depth_scale))
+    text = dict(QWEN25_7B_INTERNVL3_TEXT, num_hidden_layers=scaled(28, depth_scale))
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=256,
+                          downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
 ARCHS: dict[str, Callable[[float], Any]] = {
     "llava-1.5-7b": lambda scale: llava_config(LLAMA_7B, scale),
     "llava-1.5-13b": lambda scale: llava_config(LLAMA_13B, scale),
     "qwen2.5-vl-7b": qwen25_vl_config,
     "qwen3-vl-8b": qwen3_vl_config,
     "llava-onevision-7b": llava_onevision_config,
+    "internvl3-8b": internvl3_config,
 }
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from vtoken import kernels, signals
+from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
@@ -162,6 +163,66 @@ class InternVLIntegration(HFVisionLanguage):
     def tokens_per_image(self) -> int | None:
         """None: an image's tile count depends on its size."""
         return None
+
+    def tile_tokens(self) -> int:
+        """Tokens a tile gives after the shuffle: (448 / 14 * 0.5)^2 = 256 for InternVL 2.5 / 3 / 3.5."""
+        vision = self.model.config.vision_config
+        side = _first(vision.image_size) // _first(vision.patch_size)
+        return int(side * self.model.config.downsample_ratio) ** 2
+
+    def model_dims(self) -> ModelDims:
+        """InternViT ([CLS] + patches), the projector on each 2 x 2 shuffle group (LayerNorm, then an MLP from
+        4x the tower's width) and the decoder."""
+        config = self.model.config
+        vision = config.vision_config
+        llm = llm_dims_from_config(config.text_config)
+        tower = VisionDims(layers=int(vision.num_hidden_layers), hidden=int(vision.hidden_size),
+                           intermediate=int(vision.intermediate_size),
+                           patch_dim=int(vision.num_channels) * _first(vision.patch_size) ** 2, prefix=1)
+        group = int(round(1 / config.downsample_ratio)) ** 2
+        return ModelDims(tower, ProjectorDims(in_dim=tower.hidden, hidden=llm.hidden, out_dim=llm.hidden, group=group),
+                         llm)
+
+    def synthetic_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                         visual_tokens: int | None = None) -> dict[str, Any]:
+        """``<bos>``, half the text, one image of ``visual_tokens / 256`` tiles (default one tile: 256
+        tokens), the rest of the text."""
+        config = self.model.config
+        per_tile = self.tile_tokens()
+        tiles = 1 if visual_tokens is None else visual_tokens // per_tile
+        if tiles < 1 or tiles * per_tile != (visual_tokens or per_tile):
+            raise ValueError(f"{self.family} images give {per_tile} visual tokens a tile; visual_tokens="
+                             f"{visual_tokens} cannot be made, accepted: a positive multiple of {per_tile} or None")
+        generator = torch.Generator().manual_seed(seed)
+        image = self.image_token_id()
+        bos = getattr(config.text_config, "bos_token_id", None)
+        bos = 1 if bos is None else int(bos)
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator, avoid=[image, bos])
+        ids = [bos] + text[:len(text) // 2] + [image] * (tiles * per_tile) + text[len(text) // 2:]
+        input_ids = torch.tensor([ids] * batch, device=device)
+        size = _first(config.vision_config.image_size)
+        pixels = torch.randn(batch * tiles, 3, size, size, generator=generator).to(device=device, dtype=dtype)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+    def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
+        """Row 0's images (all of one tile count, as the bench makes them)."""
+        runs = _placeholder_runs(inputs["input_ids"][:1], self.image_token_id())
+        vision = self.model.config.vision_config
+        patches = (_first(vision.image_size) // _first(vision.patch_size)) ** 2
+        tiles = runs[0] // self.tile_tokens()
+        return VisualCounts(images=len(runs), patches=tiles * patches, tokens=runs[0])
+
+    def run_vision(self, inputs: dict[str, Any]) -> Any:
+        config = self.model.config
+        with torch.no_grad():
+            return self.model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output
+
+
+def _first(value: Any) -> int:
+    """An int config field that may be given per axis (``image_size=[448, 448]``): its first value."""
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 def _placeholder_runs(input_ids: Tensor, token_id: int) -> list[int]:

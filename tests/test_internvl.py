@@ -161,3 +161,48 @@ def test_processor_from_disk_drives_generate_with_pruning(tmp_path, visual):
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert [k.numel() for k in kept] == [6] * images
+
+
+# --- the bench ---------------------------------------------------------------------------------------------
+def test_bench_inputs_counts_and_dims():
+    from vtoken.integrations.base import Integration
+
+    model = tiny_internvl()
+    family = Integration.for_model(model)
+    inputs = family.synthetic_inputs(8, 2, 0, "cpu", torch.float32, visual_tokens=3 * IVL_TOKENS)
+    counts = family.visual_counts(inputs)
+    assert (counts.images, counts.patches, counts.tokens) == (1, 3 * PATCH_SIDE ** 2, 3 * IVL_TOKENS)
+    assert inputs["pixel_values"].shape[0] == 2 * 3 and inputs["input_ids"].shape[1] == 8 + 3 * IVL_TOKENS
+    assert tuple(family.run_vision(inputs).shape[:2]) == (6, IVL_TOKENS)
+    dims = family.model_dims()
+    assert (dims.vision.prefix, dims.projector.group, dims.projector.in_dim) == (1, 4, 32)
+    with pytest.raises(ValueError, match=f"accepted: a positive multiple of {IVL_TOKENS}"):
+        family.synthetic_inputs(8, 1, 0, "cpu", torch.float32, visual_tokens=IVL_TOKENS + 1)
+
+
+def test_bench_runs_an_internvl_model():
+    from vtoken.eval import bench
+
+    result = bench.run_bench(tiny_internvl(), methods=["cls_attn"], budgets=[4], runs=1, warmup=0, decode_tokens=1,
+                             text_tokens=8, out=None, progress=False)
+    assert result["model_type"] == "internvl" and result["visual_tokens_per_image"] == IVL_TOKENS
+    base, pruned = result["rows"]
+    assert (base["visual_tokens"], pruned["visual_tokens"]) == (IVL_TOKENS, 4)
+    assert pruned["gflops_llm"] < base["gflops_llm"]
+
+
+def test_internvl3_8b_architecture_has_the_published_widths():
+    from transformers import AutoModelForImageTextToText
+
+    from vtoken.eval.archs import arch_config
+
+    config = arch_config("internvl3-8b")
+    text, vision = config.text_config, config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, text.hidden_size, text.num_hidden_layers) == (
+        1024, 24, 3584, 28)
+    assert (text.vocab_size, config.image_token_id, config.downsample_ratio) == (151674, 151667, 0.5)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 7.94  # InternVL3-8B's count
+    scaled = arch_config("internvl3-8b", 1 / 8)
+    assert (scaled.vision_config.num_hidden_layers, scaled.text_config.num_hidden_layers) == (3, 4)
