@@ -407,6 +407,12 @@ def decode_site() -> SiteStage:
     return SiteStage("decode", "decode_topk", dict(keep=1, site="decode"), dict(keep=1.0, site="decode"))
 
 
+def llm_transprune() -> SiteStage:
+    """TransPrune at llm(2) with the transitions of layers 0 and 1 and layer 2's instruction attention."""
+    options = dict(site="llm(2)", from_layer=0)
+    return SiteStage("llm(2)", "transprune", dict(keep=0.5, **options), dict(keep=1.0, **options))
+
+
 def vision_cls_attn(keep: int) -> SiteStage:
     return SiteStage("vision(1)", "cls_attn", dict(keep=keep, site="vision(1)"), dict(keep=1.0, site="vision(1)"))
 
@@ -446,30 +452,31 @@ QWEN3_5_NOTES = "hybrid decoder: llm(K) after the first full-attention layer; si
 
 CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
-         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), vision_cls_attn(8),
-          vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))], lm_head),
+         [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), llm_transprune(),
+          vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))],
+         lm_head),
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
-         [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
+         [projector(10), llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="no vision(L) site: the AnyRes packing needs every view's full grid"),
     Case("internvl", "internvl", "internvl", True, tiny_internvl, INTERNVL_ROWS, internvl_inputs,
          [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)), llm("dart", 10),
-          llm("fastv", 10), llm_pyramid()], lm_head,
+          llm("fastv", 10), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="no vision(L) site: pixel_shuffle folds the tower's whole patch grid"),
     Case("llava_onevision", "llava_onevision", "llava_onevision", True, tiny_llava_onevision, ONEVISION_ROWS,
          onevision_inputs, [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)),
-                            llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site()], lm_head,
+                            llm("dart", 10), llm("fastv", 10), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="no vision(L) site: AnyRes-max packing and video pooling need every view's full grid"),
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl", True, functools.partial(tiny_qwen, "2"), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), vision_cls_attn(3),
-          vision_pixel_shuffle()], lm_head),
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune(),
+          vision_cls_attn(3), vision_pixel_shuffle()], lm_head),
     Case("qwen2_5_vl", "qwen2_vl", "qwen2_5_vl", True, functools.partial(tiny_qwen, "2.5"), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="no vision(L) site: the tower un-permutes its windows with full-size indices"),
     Case("qwen3_vl", "qwen3_vl", "qwen3_vl", True, functools.partial(tiny_qwen3_vl, False), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
+         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("qwen3_vl_moe", "qwen3_vl", "qwen3_vl_moe", True, functools.partial(tiny_qwen3_vl, True), QWEN_ROWS,
-         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site()], lm_head,
+         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
     Case("qwen3_5", "qwen3_5", "qwen3_5", True, functools.partial(tiny_qwen3_5, False), QWEN_ROWS, qwen_inputs,
          QWEN3_5_STAGES, lm_head, notes=QWEN3_5_NOTES),

@@ -15,7 +15,7 @@ import test_contract as contract
 import vtoken
 from contract_models import ATTENTION, QWEN2_VIDEO_CASES
 from integrations_helpers import lm_inputs
-from tiny_models import Q_VIDEO, qwen_batch, tiny_qwen
+from tiny_models import Q_VIDEO, qwen3_batch, qwen_batch, tiny_qwen, tiny_qwen3_vl
 from vtoken.stages import DyCoke, HoliTom
 from vtoken.tokens import Keep, TokenSet
 
@@ -242,11 +242,12 @@ def test_holitom_keep_all_changes_nothing():
 CLIP = [20, ("video", 4, 4, 8), 30, 31]  # 4 frames of 2 x 4 tokens: 32 tokens
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("version", VERSIONS + ["3"])
 @pytest.mark.parametrize("method", ["dycoke", "holitom"])
 def test_language_model_receives_the_budget_and_the_reference_selection(version, method):
-    model = tiny_qwen(version)
-    batch = qwen_batch([CLIP], seed=5)
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (which writes each frame as its own run, after a timestamp)."""
+    model = tiny_qwen3_vl() if version == "3" else tiny_qwen(version)
+    batch = (qwen3_batch if version == "3" else qwen_batch)([CLIP], seed=5)
     with torch.no_grad():
         features = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"],
                                                   return_dict=True).pooler_output[0]

@@ -15,8 +15,8 @@ NO_GRID = ("{stage} needs the tokens on one full (h, w) grid, and these form non
 #: why a temporal stage cannot run on these tokens (raised at call time, as NO_GRID is)
 NO_CLIP = ("{stage} compares each token with the same place in other frames, so it needs a video clip's tokens "
            "with their (frame, row, column) layout, all of them; these are {why}. Run it at the projector "
-           "on video inputs of a model whose integration gives clip layouts (Qwen2-VL, Qwen2.5-VL with "
-           "video_budget='clip'), before any stage that selects a subset")
+           "on video inputs of a model whose integration gives clip layouts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL "
+           "with video_budget='clip'), before any stage that selects a subset")
 
 
 @dataclass

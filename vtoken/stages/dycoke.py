@@ -51,6 +51,8 @@ class DyCoke(Stage):
 
     #: the whole clip, every frame on its (h, w) grid: wrap refuses it after a stage that selects a subset
     needs_grid: ClassVar[bool] = True
+    #: video clips only (refused on images at call time): image-only callers such as the demo can skip it
+    needs_clip: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -59,6 +59,8 @@ class HoliTom(Stage):
     merging: ClassVar[bool] = True
     #: the whole clip, every frame on its (h, w) grid: wrap refuses it after a stage that selects a subset
     needs_grid: ClassVar[bool] = True
+    #: video clips only (refused on images at call time): image-only callers such as the demo can skip it
+    needs_clip: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -169,14 +171,14 @@ def spatial_groups(segments: list[tuple[int, int]], ends: dict[int, int], alive:
                    per_frame: int) -> list[list[int]]:
     """The authors' groups of what the temporal merge left: per segment, its merged tokens, then each of
     its frames' other tokens; each group in position order."""
+    left = [bool(a) for a in alive.tolist()]
     groups = []
     for s, e in segments:
-        merged = sorted(first for first in ends if s * per_frame <= first < (s + 1) * per_frame)
+        merged = sorted(first for first in ends if first // per_frame == s)
         if merged:
             groups.append(merged)
         for frame in range(s, e + 1):
-            span = range(frame * per_frame, (frame + 1) * per_frame)
-            rest = [i for i in span if bool(alive[i]) and i not in ends]
+            rest = [i for i in range(frame * per_frame, (frame + 1) * per_frame) if left[i] and i not in ends]
             if rest:
                 groups.append(rest)
     return groups
@@ -203,11 +205,13 @@ def dpc_knn_merge(x: Tensor, count: int, neighbours: int, beta: float) -> tuple[
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
     to_denser = torch.where(denser, dist, dist.max()).min(-1).values
     centres = sorted_topk(to_denser * density, count)
-    centre_of = centres[dist[:, centres].argmin(-1)]
-    centre_of[centres] = centres
-    merged = []
-    for centre in centres.tolist():
-        members = (centre_of == centre).nonzero()[:, 0]
-        members = members[members != centre]
-        merged.append(x[centre] if members.numel() == 0 else beta * x[centre] + (1 - beta) * x[members].mean(0))
-    return centre_of, torch.stack(merged)
+    cluster = dist[:, centres].argmin(-1)
+    cluster[centres] = torch.arange(count, device=x.device)
+    others = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    others[centres] = False  # a cluster's members, its centre left out
+    target = cluster[others]
+    joined = x.new_zeros(count).index_add_(0, target, x.new_ones(target.shape[0]))
+    sums = x.new_zeros(count, x.shape[1]).index_add_(0, target, x[others])
+    mean = sums / joined.clamp(min=1)[:, None]
+    merged = torch.where(joined[:, None] > 0, beta * x[centres] + (1 - beta) * mean, x[centres])
+    return centres[cluster], merged
