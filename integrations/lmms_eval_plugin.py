@@ -1,4 +1,4 @@
-"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_llava_onevision``, ``vtoken_qwen2_vl``,
+"""lmms-eval plugin: ``vtoken_llava_hf``, ``vtoken_llava_onevision``, ``vtoken_internvl``, ``vtoken_qwen2_vl``,
 ``vtoken_qwen2_5_vl``, ``vtoken_qwen3_vl`` (Qwen3-VL, dense and MoE) and ``vtoken_qwen3_5`` (Qwen3.5).
 
 Each model subclasses lmms-eval's own class (so its prompt building, batching and generation loop stay
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmms_eval.models.chat.internvl_hf import InternVLHf
 from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.models.simple.llava_hf import LlavaHf
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
@@ -153,6 +154,16 @@ class VTokenLlavaOnevision(_VTokenMixin, LlavaHf):
         self._init_vtoken(LlavaHf, kwargs)
 
 
+class VTokenInternVL(_VTokenMixin, InternVLHf):
+    """InternVL through lmms-eval's chat class ``internvl_hf`` (transformers' ``InternVLForConditionalGeneration``:
+    it loads in bfloat16 and feeds tiles or video frames through the processor)."""
+
+    model_id = "vtoken_internvl"
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._init_vtoken(InternVLHf, kwargs)
+
+
 class VTokenQwen2VL(_VTokenMixin, Qwen2_VL):
     model_id = "vtoken_qwen2_vl"
 
@@ -191,6 +202,11 @@ def llava_hf_manifest() -> ModelManifest:
 
 def llava_onevision_manifest() -> ModelManifest:
     return _manifest(VTokenLlavaOnevision)
+
+
+def internvl_manifest() -> ModelManifest:
+    """A chat model: lmms-eval builds its messages from a task's doc_to_visual / doc_to_text."""
+    return ModelManifest(model_id=VTokenInternVL.model_id, chat_class_path=f"{__name__}.{VTokenInternVL.__name__}")
 
 
 def qwen2_vl_manifest() -> ModelManifest:
