@@ -62,9 +62,12 @@ from .decoder_tensors import (
     text_after_visual,
 )
 from .grouping import run_in_groups
+from .transitions import TransitionHooks, accumulated, instruction_attention
 
 #: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
 CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
+#: the signals computed from layer K-1's captured input (the others: transitions.py)
+FROM_LAYER_BEFORE = frozenset({signals.LAST_QUERY_ATTN, signals.KEY_NORM, signals.TEXT_TOKENS})
 
 
 @dataclass
@@ -88,6 +91,7 @@ class DecoderCall:
     layers: list[tuple[int, Tensor, Tensor | None, Tensor]] = field(default_factory=list)
     prefilled: bool = False
     decode: Any = None  # the decode site's DecodeState, from the end of the prefill on
+    transitions: dict[int, Tensor] = field(default_factory=dict)  # layer -> TTV at decoder-input positions
     copies: int = 1  # rows per prompt after expand
 
     def expand(self, batch: int) -> None:
@@ -131,7 +135,18 @@ class DecoderSites(SiteHooks):
         super().__init__(pipeline, llm_sites, key, end_call)
         self.lm = language_model
         self.layers = language_model.layers
-        self.capture_layers = {site.layer - 1 for site in llm_sites if self.pipeline.signals_at(site)}
+        self.capture_layers = {site.layer - 1 for site in llm_sites
+                               if FROM_LAYER_BEFORE & set(self.pipeline.signals_at(site))}
+        spans = [(self.pipeline.signals_at(site)[signals.TOKEN_TRANSITION]["from_layer"], site.layer)
+                 for site in llm_sites if signals.TOKEN_TRANSITION in self.pipeline.signals_at(site)]
+        if spans:
+            TransitionHooks(self.layers, min(a for a, _ in spans), max(b for _, b in spans), key, self.hooks)
+        for site in llm_sites:
+            wanted = self.pipeline.signals_at(site)
+            if signals.INSTRUCTION_ATTN in wanted and not hasattr(self.layers[site.layer], "self_attn"):
+                raise ValueError(f"instruction_attn at {site} reads decoder layer {site.layer}'s attention, which "
+                                 "this model's layer lacks (a linear-attention layer); choose K before a full-attention "
+                                 "layer")
         # hybrid decoders (Qwen3.5) may start with linear-attention layers: the first attention layer's rotary
         self.apply_rotary: Callable = module_rotary(next(layer.self_attn for layer in self.layers
                                                          if hasattr(layer, "self_attn")))
@@ -219,6 +234,7 @@ class DecoderSites(SiteHooks):
             step.state.prefilled = True
             step.state.captured.clear()
             step.state.keys.clear()
+            step.state.transitions.clear()
             if self.decode is not None:
                 state = step.state
                 state.decode = self.decode.start(state.visual, state.units, state.attention_mask, state.layers,
@@ -247,7 +263,7 @@ class DecoderSites(SiteHooks):
                 if self.decode is not None:
                     follow_rows(cache, CACHE_ATTRIBUTE)
             if index in self.sites:
-                hidden = self._prune(self.sites[index], hidden, state, call.stats)
+                hidden = self._prune(self.sites[index], hidden, state, call.stats, kwargs.get("position_embeddings"))
             if state.index is not None:
                 gather_prefill_kwargs(kwargs, state.index, state.dead)
             if index in self.capture_layers:
@@ -277,7 +293,7 @@ class DecoderSites(SiteHooks):
                 state.keys[index] = output
 
     # --- selection at llm(K) ---------------------------------------------------------------------
-    def _prune(self, site: Site, hidden: Tensor, call: DecoderCall, stats: Stats) -> Tensor:
+    def _prune(self, site: Site, hidden: Tensor, call: DecoderCall, stats: Stats, rotary: Any = None) -> Tensor:
         batch, length, _ = hidden.shape
         device = hidden.device
         index = call.index if call.index is not None else torch.arange(length, device=device).expand(batch, -1)
@@ -286,10 +302,10 @@ class DecoderSites(SiteHooks):
         attend = alive if call.attention_mask is None else alive & call.attention_mask.gather(1, index).bool()
         wanted = self.pipeline.signals_at(site)
         start = clock(device)
-        computed = self._signals(site, wanted, attend, call)
+        text = text_after_visual(~visual & attend, visual)
+        computed = self._signals(site, wanted, attend, call, (hidden, rotary, index, text))
         scoring = clock(device) - start
         normed = self.lm.norm(hidden)
-        text = text_after_visual(~visual & attend, visual)
 
         # rows with the same visual (and, for text pivots, text) counts and image count are selected together
         with_text = signals.TEXT_TOKENS in wanted
@@ -344,10 +360,21 @@ class DecoderSites(SiteHooks):
         self._record_layer_counts(site, call, stats)
         return take(hidden, new_index)
 
-    def _signals(self, site: Site, wanted: dict, attend: Tensor, call: DecoderCall) -> dict[str, Tensor]:
-        """Per-position signals ``[B, L]`` recomputed from layer K-1's own projections."""
-        if not (signals.LLM & set(wanted)):
-            return {}
+    def _signals(self, site: Site, wanted: dict, attend: Tensor, call: DecoderCall, here: tuple) -> dict[str, Tensor]:
+        """Per-position signals ``[B, L]`` recomputed from layer K-1's own projections (TransPrune's from the
+        transitions of earlier layers and layer K's projections; ``here``: layer K's input, its rotary table,
+        the present positions and the instruction's)."""
+        out: dict[str, Tensor] = {}
+        hidden_k, rotary_k, index_k, text_k = here
+        if signals.TOKEN_TRANSITION in wanted:
+            first = wanted[signals.TOKEN_TRANSITION]["from_layer"]
+            out[signals.TOKEN_TRANSITION] = accumulated(call, first, site.layer, index_k)
+        if signals.INSTRUCTION_ATTN in wanted:
+            table = tuple(t if call.index is None else take_seq(t, call.index) for t in rotary_k)
+            out[signals.INSTRUCTION_ATTN] = instruction_attention(self.layers[site.layer], hidden_k, table, attend,
+                                                                  text_k, self.apply_rotary)
+        if not (FROM_LAYER_BEFORE & set(wanted)):
+            return out
         layer_index = site.layer - 1
         hidden, rotary = call.captured.pop(layer_index)
         layer = self.layers[layer_index]
@@ -361,7 +388,6 @@ class DecoderSites(SiteHooks):
             keys = attention.k_norm(keys)
         cos, sin = rotary
         keys = self.apply_rotary(keys, keys, cos, sin)[1]
-        out: dict[str, Tensor] = {}
         if signals.KEY_NORM in wanted or signals.TEXT_TOKENS in wanted:
             out[signals.KEY_NORM] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
         if signals.LAST_QUERY_ATTN in wanted:

@@ -19,6 +19,11 @@ LAST_QUERY_ATTN = "last_query_attn"
 KEY_NORM = "key_norm"
 #: the text tokens after the image with their normalised hidden states and key norms (DART's text pivots)
 TEXT_TOKENS = "text_tokens"
+#: TransPrune's token transition variation: per position, summed over decoder layers before an llm(K) site,
+#: how much the attention and MLP blocks change it (output/input norm ratio x softmax of 1 - cosine)
+TOKEN_TRANSITION = "token_transition"
+#: attention of the text after the image (the instruction) to every position, with layer K's own q/k
+INSTRUCTION_ATTN = "instruction_attn"
 #: at a decode step: the new token's attention to each cached visual entry, mean over heads (and layers)
 DECODE_ATTN = "decode_attn"
 #: attention each patch receives in chosen encoder layers, mean over heads and queries, one column per layer
@@ -32,13 +37,15 @@ DESCRIPTIONS = {
     LAST_QUERY_ATTN: "last-prompt-token attention",
     KEY_NORM: "key L1 norms",
     TEXT_TOKENS: "text tokens after the image",
+    TOKEN_TRANSITION: "token transition variation in the layers before K",
+    INSTRUCTION_ATTN: "the instruction's attention at layer K",
     DECODE_ATTN: "the new token's attention to the cached visual entries",
     ENCODER_ATTN: "attention received in encoder layers",
     PROMPT_TEXT: "embeddings of the prompt text after the image",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})
-LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS})
+LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS, TOKEN_TRANSITION, INSTRUCTION_ATTN})
 DECODE = frozenset({DECODE_ATTN})
 
 

@@ -14,7 +14,8 @@ from .pixel_shuffle import PixelShuffle
 from .pool import Pool
 from .random import RandomKeep
 from .repshift import RepShift
+from .transprune import TransPrune
 from .visionzip import VisionZip
 
 __all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "FastV", "HiPrune", "HoliTom", "KCenter",
-           "PixelShuffle", "Pool", "RandomKeep", "RepShift", "VisionZip"]
+           "PixelShuffle", "Pool", "RandomKeep", "RepShift", "TransPrune", "VisionZip"]
