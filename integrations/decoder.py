@@ -145,8 +145,8 @@ class DecoderSites(SiteHooks):
             wanted = self.pipeline.signals_at(site)
             if signals.INSTRUCTION_ATTN in wanted and not hasattr(self.layers[site.layer], "self_attn"):
                 raise ValueError(f"instruction_attn at {site} reads decoder layer {site.layer}'s attention, which "
-                                 "this model's layer lacks (a linear-attention layer); choose K before a full-attention "
-                                 "layer")
+                                 "this model's layer lacks (a linear-attention layer); choose K before a "
+                                 "full-attention layer")
         # hybrid decoders (Qwen3.5) may start with linear-attention layers: the first attention layer's rotary
         self.apply_rotary: Callable = module_rotary(next(layer.self_attn for layer in self.layers
                                                          if hasattr(layer, "self_attn")))
