@@ -83,7 +83,7 @@ class HoliTom(Stage):
     def merge_row(self, x: Tensor, t: int, per_frame: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """One clip ``[N, D]`` -> kept positions ``[k]``, their features ``[k, D]``, assignment ``[N]``."""
         n = x.shape[0]
-        frames = x.view(t, per_frame, -1)
+        frames = x.reshape(t, per_frame, -1)
         similarity = torch.cosine_similarity(frames[:-1], frames[1:], dim=-1)  # [t - 1, P]
         static = similarity > self.tau
         segments = segment_frames(static, self.max_segment)
