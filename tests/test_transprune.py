@@ -146,3 +146,18 @@ def test_instruction_attention_changes_the_selection(model):
                 model(**batch)
             kept[attention] = [k.tolist() for k in model.vtoken.stats.kept["llm(2)"]]
     assert kept[True] != kept[False]
+
+
+def test_the_authors_schedule_runs_as_a_pyramid():
+    """Their LLaVA-1.5 schedule (defaults: transitions from layer 6; sites 7, 9, 12 keeping 87.5, 62.5 and
+    12.5 % of the visual tokens) on a 13-layer decoder; cached generation equals recomputation."""
+    model = tiny_llava("sdpa", seed=2, text_layers=13)
+    batch = llava_batch(PROMPTS[:2], seed=4)
+    pipeline = vtoken.Pipeline([TransPrune(keep=0.875), TransPrune(site="llm(9)", keep=0.714),
+                                TransPrune(site="llm(12)", keep=0.2)])
+    with vtoken.wrapped(model, pipeline):
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        counts = model.vtoken.stats.llm_layer_tokens
+        recomputed = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert counts == [144] * 7 + [126] * 2 + [90] * 3 + [18], counts
+    assert torch.equal(cached, recomputed)
