@@ -15,9 +15,12 @@ Map of the model:
 - Tiles per image come from the placeholders: each run of ``<IMG_CONTEXT>`` in the prompt is one image
   (or frame), in the order of ``pixel_values``. Budgets (option ``tile_budget``): ``global`` (default)
   one budget per image over all its tiles, thumbnail included; ``tile``: each tile gets an equal share
-  (an int keep stays exact per image). GlobalCom^2's guided split is not offered: the model's inputs do
-  not carry the crop grid (rows x cols) the processor chose, so a crop's region in the thumbnail is
-  unknown. A video's frames are separate images here, so its budget is per frame.
+  (an int keep stays exact per image); ``guided`` (GlobalCom^2, "Compression with Global Guidance"): the
+  thumbnail keeps its proportional share and the crops share the rest in proportion to the thumbnail's
+  scores (the [CLS] attention when a stage asks for it, else feature norms) over the region each crop
+  covers. The model's inputs do not carry the crop grid (rows x cols) the processor chose; ``crop_grid``
+  recovers it from the pixels: laid out right and shrunk to a tile, the crops are the thumbnail again.
+  A video's frames are separate images here, so its budget is per frame.
 - The language model (Qwen2/Qwen3 or Llama-style) gets 1-D positions: ``projector`` and ``llm(K)`` sites.
   ``vision(L)`` is refused: see ``unsupported_sites``.
 """
@@ -38,7 +41,7 @@ from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
 from .llava_next import split_budget
 from .llava_onevision import capture_in_this_thread
 
-TILE_BUDGETS = ("global", "tile")
+TILE_BUDGETS = ("global", "tile", "guided")
 _NO_VISION_SITE = ("the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of "
                    "patches into one token, so tokens dropped inside the tower leave no grid to shuffle; prune "
                    "at the projector or in the LLM")
@@ -102,9 +105,16 @@ class InternVLIntegration(HFVisionLanguage):
             own = features[first:first + count].reshape(count * per_tile, -1)
             own_scores = None if scores is None else scores[first:first + count].reshape(-1)
             blocks.append(VisualBlock(token_id=self.image_token_id(), size=count * per_tile))
-            split = self.settings["tile_budget"] == "tile" and count > 1
+            split = self.settings["tile_budget"] != "global" and count > 1
             spans = [(t * per_tile, (t + 1) * per_tile) for t in range(count)] if split else [(0, count * per_tile)]
-            budgets = self._tile_budgets(count, per_tile) if split else [None]
+            budgets = [None]
+            if split and self.settings["tile_budget"] == "guided" and count > 2:
+                thumbnail = own_scores[-per_tile:] if own_scores is not None else own[-per_tile:].norm(dim=-1)
+                pixels = inputs["pixel_values"][first:first + count]
+                grid = crop_grid(pixels[:-1], pixels[-1])
+                budgets = self._guided_budgets(thumbnail.float().view(side, side), grid, per_tile)
+            elif split:
+                budgets = self._tile_budgets(count, per_tile)
             for (lo, hi), budget in zip(spans, budgets):
                 units.append(VisualUnit(
                     block=image, features=own[lo:hi], grid=(side, side) if hi - lo == per_tile else None,
@@ -114,15 +124,32 @@ class InternVLIntegration(HFVisionLanguage):
             first += count
         return Encoded(blocks=blocks, units=units, scoring_seconds=seconds)
 
+    def _image_budget(self, count: int, per_tile: int) -> int:
+        """An image's budget: an int keep, or a fraction of its tokens (all tiles together)."""
+        from vtoken.budget import resolve_keep
+
+        keep = self.pipeline.site_keep(next(s for s in self.pipeline.sites if s.kind == "projector"))
+        return resolve_keep(keep, count * per_tile, 1, "keep per image")
+
     def _tile_budgets(self, count: int, per_tile: int) -> list[int | None]:
         """Equal integer shares of an int keep per image (largest remainder); a fraction applies per tile."""
         keep = self.pipeline.site_keep(next(s for s in self.pipeline.sites if s.kind == "projector"))
         if isinstance(keep, float):
             return [None] * count
-        from vtoken.budget import resolve_keep
+        return split_budget(self._image_budget(count, per_tile), [1.0] * count, [per_tile] * count)
 
-        budget = resolve_keep(keep, count * per_tile, 1, "keep per image")
-        return split_budget(budget, [1.0] * count, [per_tile] * count)
+    def _guided_budgets(self, thumbnail: Tensor, grid: tuple[int, int], per_tile: int) -> list[int]:
+        """GlobalCom^2's split: the thumbnail keeps its proportional share; the crops share the rest in
+        proportion to the thumbnail's score mass over the region each covers (crops row by row)."""
+        rows, cols = grid
+        count = rows * cols + 1
+        budget = self._image_budget(count, per_tile)
+        side = thumbnail.shape[0]
+        mass = [float(thumbnail[r * side // rows:(r + 1) * side // rows, c * side // cols:(c + 1) * side // cols].sum())
+                for r in range(rows) for c in range(cols)]
+        share = budget / count
+        weights = [w * (budget - share) / max(sum(mass), 1e-12) for w in mass] + [share]
+        return split_budget(budget, weights, [per_tile] * count)
 
     def _shuffled(self, patch_scores: Tensor) -> Tensor:
         """Per tile, per token after the pixel shuffle: the mean score of its 2 x 2 block of patches, the
@@ -223,6 +250,27 @@ class InternVLIntegration(HFVisionLanguage):
 def _first(value: Any) -> int:
     """An int config field that may be given per axis (``image_size=[448, 448]``): its first value."""
     return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def crop_grid(crops: Tensor, thumbnail: Tensor) -> tuple[int, int]:
+    """The (rows, cols) of an image's crops, which the model's inputs do not carry: the processor resized
+    the image to rows x cols tiles and cut them row by row, and the thumbnail is the whole image at one
+    tile's size, so the right layout of the crops, shrunk to a tile, is the thumbnail again (up to
+    resampling). Of the layouts with rows x cols = crops, the one closest to the thumbnail (mean squared
+    difference after area shrinking); ties go to fewer rows."""
+    count, channels, height, width = crops.shape
+    best, best_error = (1, count), float("inf")
+    for rows in range(1, count + 1):
+        if count % rows:
+            continue
+        cols = count // rows
+        canvas = crops.float().view(rows, cols, channels, height, width).permute(2, 0, 3, 1, 4)
+        canvas = canvas.reshape(1, channels, rows * height, cols * width)
+        shrunk = torch.nn.functional.interpolate(canvas, size=(height, width), mode="area")[0]
+        error = float((shrunk - thumbnail.float()).pow(2).mean())
+        if error < best_error:
+            best, best_error = (rows, cols), error
+    return best
 
 
 def _placeholder_runs(input_ids: Tensor, token_id: int) -> list[int]:

@@ -18,7 +18,7 @@ import test_contract as contract  # noqa: E402
 from contract_models import ATTENTION, INTERNVL_MULTI_CASES, internvl_inputs  # noqa: E402
 
 PATCH_SIDE = IVL_TILE // 14  # 8 x 8 patches a tile, 4 x 4 tokens after the shuffle
-MODES = ["global", "tile"]
+MODES = ["global", "tile", "guided"]
 
 
 def rows_of(*tiles):
@@ -76,10 +76,52 @@ def test_int_keep_is_exact_per_image(mode):
     assert received == 20
     if mode == "global":
         assert [k.numel() for k in kept] == [10, 10]
-    else:
+    elif mode == "tile":
         assert [k.numel() for k in kept] == [4, 3, 3, 10]
+    else:  # two crops share what the thumbnail (10 / 3 -> 3 or 4) leaves, by its scores over their halves
+        assert len(kept) == 4 and sum(k.numel() for k in kept[:3]) == 10 and kept[3].numel() == 10
+        assert kept[2].numel() in (3, 4)
         for tile, slots in enumerate(kept[:3]):
             assert ((slots >= tile * IVL_TOKENS) & (slots < (tile + 1) * IVL_TOKENS)).all()
+
+
+def scene(height: int, width: int):
+    """A smooth picture (gradients and a few discs), as the crop-grid matching expects of real images."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    picture = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+    for cy, cx, r in ((0.3, 0.2, 0.15), (0.7, 0.8, 0.2), (0.5, 0.5, 0.1)):
+        disc = (y - cy * height) ** 2 + (x - cx * width) ** 2 < (r * min(height, width)) ** 2
+        picture[disc] = (240, 30, 30)
+    return Image.fromarray(picture.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("height,width,expected", [(120, 230, (1, 2)), (230, 120, (2, 1)), (120, 340, (1, 3)),
+                                                   (230, 230, (2, 2))])
+def test_crop_grid_recovers_the_processors_layout(height, width, expected):
+    """The processor's crops (row by row) and thumbnail, from its own resizing: crop_grid finds its rows x cols."""
+    from tiny_processors import tiny_internvl_processor
+    from vtoken.integrations.internvl import crop_grid
+
+    processor = tiny_internvl_processor()
+    pixels = processor.image_processor(images=[scene(height, width)], return_tensors="pt")["pixel_values"]
+    assert pixels.shape[0] == expected[0] * expected[1] + 1
+    assert crop_grid(pixels[:-1], pixels[-1]) == expected
+
+
+def test_guided_budget_follows_the_thumbnail_scores():
+    """With the thumbnail's scores all on its right half, the right crop of a 1 x 2 layout gets the crops' share."""
+    model = tiny_internvl()
+    with vtoken.wrapped(model, "kcenter", keep=12, tile_budget="guided"):
+        family = model.vtoken.integration
+        side = PATCH_SIDE // 2
+        thumbnail = torch.zeros(side, side)
+        thumbnail[:, side // 2:] = 1.0
+        assert family._guided_budgets(thumbnail, (1, 2), IVL_TOKENS) == [0, 8, 4]
+        thumbnail[:, : side // 2] = 1.0  # even scores: the crops split evenly
+        assert family._guided_budgets(thumbnail, (1, 2), IVL_TOKENS) == [4, 4, 4]
 
 
 def test_tile_budget_fraction_applies_per_tile():
@@ -95,7 +137,7 @@ def test_vision_site_and_bad_options_are_refused():
     model = tiny_internvl()
     with pytest.raises(ValueError, match="no vision site .*pixel_shuffle"):
         vtoken.wrap(model, "cls_attn", keep=4, site="vision(1)")
-    with pytest.raises(ValueError, match="tile_budget='view'; accepted: global, tile"):
+    with pytest.raises(ValueError, match="tile_budget='view'; accepted: global, tile, guided"):
         vtoken.wrap(model, "kcenter", keep=4, tile_budget="view")
     assert not model._forward_pre_hooks
 
