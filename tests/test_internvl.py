@@ -293,3 +293,12 @@ def test_lmms_eval_plugin_evaluates_a_tiny_internvl_checkpoint(tmp_path, monkeyp
     assert 0.0 <= out["results"]["vtoken_scenes"]["accuracy,none"] <= 1.0
     (model,) = seen
     assert [k.numel() for k in model.vtoken.stats.kept["projector"]] == [8], "the last question's image kept 8"
+
+
+def test_keep_64_gives_64_visual_tokens_per_image():
+    """keep=64 on images of 5 and 7 tiles (80 and 112 tokens): the language model receives 64 of each."""
+    model = tiny_internvl()
+    inputs = internvl_inputs(model, [[20, ("image", 5, 3), 30, ("image", 7, 4), 31]], "left")
+    for mode in MODES:
+        with vtoken.wrapped(model, "cls_attn", keep=64, tile_budget=mode), torch.no_grad():
+            assert lm_image_tokens(model, inputs) == [128], mode
