@@ -110,8 +110,7 @@ class DecodeSite:
             live = mask[:, -1].bool()
         else:
             live = torch.ones(batch, dtype=torch.bool, device=state.visual.device)
-        choose = generating and bool(self.score_layers or self.pipeline.stages_at(self.site)) and \
-            (state.steps + 1) % self.site.every == 0
+        choose = generating and (state.steps + 1) % self.site.every == 0
         step = DecodeStep(live=live, choose=choose, cache=cache)
         embeds = kwargs.get("inputs_embeds")
         dtype = embeds.dtype if isinstance(embeds, Tensor) else torch.float32
@@ -214,7 +213,7 @@ class DecodeSite:
         prompt_live = state.groups[0].live[:, : state.length]
         live[:, : state.length] = prompt_live
         blocked = blocked_after_choices(state.visual, bases, length)
-        choose = bool(self.score_layers or self.pipeline.stages_at(self.site)) and steps % self.site.every == 0
+        choose = steps % self.site.every == 0
         return RecomputeStep(blocked, live, bases, keys, steps, choose)
 
     def recompute_layer(self, step: RecomputeStep, index: int, kwargs: dict, hidden: Tensor,
