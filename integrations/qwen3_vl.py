@@ -16,9 +16,11 @@ Map of the model (what differs from Qwen2-VL, whose integration this one extends
   kept tokens keep their original (t, h, w) positions. A video is written frame by frame (a timestamp
   and its own ``<|vision_start|>``...``<|vision_end|>`` run per frame); a clip is still one budget unit
   (``video_budget='clip'``) or one per frame (``'frame'``).
-- ``llm(K)`` needs K >= the number of DeepStack levels: the language model adds level ``i`` after
-  layer ``i`` inside its own loop, through one full-length visual mask, so a sequence shortened at a
-  layer before the last level would get the remaining levels at the wrong positions.
+- ``llm(K)`` at any K >= 1. The language model adds level ``i`` after layer ``i`` inside its own loop,
+  through one full-length visual mask, which a sequence shortened at layer K no longer matches: it is
+  handed only the levels before the first site (over the whole sequence), and a forward hook on each
+  layer ``i`` >= K adds level ``i`` itself, the same way, at the visual positions still present (the
+  kept tokens; dead filler slots get none). Decode steps add nothing, as in the model.
 - ``cls_attn``: as Qwen2-VL's, recomputed from the vision block's own ``norm1``, ``qkv`` and 2-D rotary
   table; the default block is the last one (every block attends over whole images).
 - No ``vision(L)`` site: the DeepStack mergers read full-length hidden states of intermediate blocks,
@@ -27,6 +29,7 @@ Map of the model (what differs from Qwen2-VL, whose integration this one extends
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +44,8 @@ from .qwen2_vl import Qwen2VLIntegration
 
 #: a per-position input of the prepared prefill: each visual position's row in the DeepStack features
 DEEPSTACK_INDEX = "_vtoken_deepstack_index"
+#: per call: the current language-model pass's visual positions, rows and DeepStack levels (None: none)
+DEEPSTACK_PASS = "deepstack_pass"
 
 #: why Qwen3-VL's tower offers no vision(L) site
 _NO_VISION_SITE = ("its DeepStack mergers read the full-length hidden states of intermediate vision blocks and its "
@@ -63,22 +68,18 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
     def supported_site_kinds(self) -> tuple[str, ...]:
         return ("projector", "llm")
 
-    def layer_range(self, kind: str) -> range:
-        if kind == "llm":
-            return range(max(1, self.deepstack_levels()), self.site_layers()["llm"])
-        return super().layer_range(kind)
-
-    def layer_note(self, kind: str) -> str:
-        if kind != "llm" or self.deepstack_levels() < 1:
-            return ""
-        return (f"the language model adds DeepStack level i after decoder layer i, for i < {self.deepstack_levels()}, "
-                "through one full-length visual mask inside its own forward: a sequence shortened before the last "
-                "level would receive the remaining levels at the wrong positions")
+    def first_llm_site(self) -> int | None:
+        return min((site.layer for site in self.pipeline.sites if site.kind == "llm"), default=None)
 
     def _install_hooks(self) -> None:
         super()._install_hooks()
         if self.deepstack_levels():
             self.hooks.add(self.language_model().register_forward_pre_hook(self._deepstack_kwargs, with_kwargs=True))
+        first = self.first_llm_site()
+        if first is not None:  # the levels from the first llm(K) site on are added here, at the kept positions
+            for layer in range(first, self.deepstack_levels()):
+                self.hooks.add(self.language_model().layers[layer].register_forward_hook(
+                    partial(self._deepstack_after, layer)))
 
     def extra_sequence_inputs(self) -> tuple[str, ...]:
         return ("mm_token_type_ids", DEEPSTACK_INDEX)
@@ -153,6 +154,8 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         call = self.current_call()
         state = None if call is None else call.parts.get("deepstack")
         embeds = kwargs.get("inputs_embeds")
+        if call is not None:
+            call.parts[DEEPSTACK_PASS] = None
         if state is None or embeds is None:
             return None
         cache = cache_of(kwargs)
@@ -170,8 +173,37 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
             index = torch.nn.functional.pad(index, (0, extra))
         rows_index = index[present]
         kwargs["visual_pos_masks"] = present
-        kwargs["deepstack_visual_embeds"] = [level[rows_index] for level in levels]
+        # the language model adds the levels before the first llm(K) site itself, over the whole sequence;
+        # _deepstack_after adds the others to the shortened one
+        own = len(levels) if self.first_llm_site() is None else min(len(levels), self.first_llm_site())
+        kwargs["deepstack_visual_embeds"] = [level[rows_index] for level in levels[:own]]
+        call.parts[DEEPSTACK_PASS] = (present, index, levels)
         return args, kwargs
+
+    def _deepstack_after(self, layer: int, module: Any, args: tuple, output: Any) -> Any:
+        """DeepStack level ``layer`` after an llm(K) site at or before it: added, as the language model
+        adds it, to the hidden states of the visual positions still present (the kept ones, in the
+        prefill; then the same in a no-cache pass, whose generated positions follow them)."""
+        call = self.current_call()
+        deepstack = None if call is None else call.parts.get(DEEPSTACK_PASS)
+        decoder = None if call is None else call.parts.get("decoder")  # DecoderSites' DecoderCall
+        if deepstack is None or decoder is None:
+            return None
+        sites = [entry for entry in decoder.layers if entry[0] <= layer]  # (K, kept positions, dead, _)
+        if not sites:
+            return None
+        present, index, levels = deepstack
+        _, kept, dead, _ = sites[-1]
+        visual = present.gather(1, kept)
+        if dead is not None:
+            visual &= ~dead
+        hidden = output[0] if isinstance(output, tuple) else output
+        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        mask[:, : kept.shape[1]] = visual
+        embeds = levels[layer][index.gather(1, kept)[visual]].to(hidden.device, hidden.dtype)
+        hidden = hidden.clone()
+        hidden[mask, :] = hidden[mask, :] + embeds
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # --- what bench, FLOPs and the demo ask a family ---
     def model_dims(self) -> ModelDims:

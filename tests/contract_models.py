@@ -444,6 +444,9 @@ INTERNVL_MULTI_ROWS = [[20, ("image", 3, 84), 30, ("image", 1, 85), 31],
                        [23, ("image", 2, 89), 11, ("image", 1, 90), 12, ("image", 1, 91), 33, 34]]
 VIT_ROWS = [41, 42, 43]
 
+#: tiny Qwen3-VL adds DeepStack levels after decoder layers 0 and 1: at llm(1), level 1 goes to the kept tokens
+QWEN3_VL_INSIDE_DEEPSTACK = SiteStage("llm(1)", "fastv", dict(keep=3, site="llm(1)"), dict(keep=1.0, site="llm(1)"))
+QWEN3_VL_NOTES = "DeepStack (2 levels; at llm(1) the second goes to the kept tokens); no vision(L) site"
 #: tiny Qwen3.5 layers: linear, full, linear, full attention. llm(2) follows the first full-attention layer
 #: (FastV and DART read it); kcenter needs no signal, so llm(3) after a linear-attention layer serves it
 QWEN3_5_STAGES = [projector(3), llm("dart", 3), llm("fastv", 3),
@@ -473,12 +476,11 @@ CASES: list[Case] = [
          [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
          notes="no vision(L) site: the tower un-permutes its windows with full-size indices"),
     Case("qwen3_vl", "qwen3_vl", "qwen3_vl", True, functools.partial(tiny_qwen3_vl, False), QWEN_ROWS, qwen_inputs,
-         [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()], lm_head,
-         notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
+         [projector(3), llm("dart", 3), llm("fastv", 3), QWEN3_VL_INSIDE_DEEPSTACK, llm_pyramid(), decode_site(),
+          llm_transprune()], lm_head, notes=QWEN3_VL_NOTES),
     Case("qwen3_vl_moe", "qwen3_vl", "qwen3_vl_moe", True, functools.partial(tiny_qwen3_vl, True), QWEN_ROWS,
-         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune()],
-         lm_head,
-         notes="DeepStack (2 levels): llm(K) from K=2; no vision(L) site"),
+         qwen_inputs, [projector(3), llm("dart", 3), llm("fastv", 3), QWEN3_VL_INSIDE_DEEPSTACK, llm_pyramid(),
+                       decode_site(), llm_transprune()], lm_head, notes=QWEN3_VL_NOTES),
     Case("qwen3_5", "qwen3_5", "qwen3_5", True, functools.partial(tiny_qwen3_5, False), QWEN_ROWS, qwen_inputs,
          QWEN3_5_STAGES, lm_head, notes=QWEN3_5_NOTES),
     Case("qwen3_5_moe", "qwen3_5", "qwen3_5_moe", True, functools.partial(tiny_qwen3_5, True), QWEN_ROWS,

@@ -224,20 +224,71 @@ def test_cached_generate_equals_no_cache_with_pruning(moe):
     assert beams.shape[0] == 4
 
 
-def test_llm_site_after_the_deepstack_layers_and_refusals():
+def test_llm_sites_inside_and_after_the_deepstack_layers_and_refusals():
     model = tiny_qwen3_vl()
     batch = qwen3_batch(ROWS)
     levels = len(Q3_DEEPSTACK)
-    with vtoken.wrapped(model, "fastv", keep=3, site=f"llm({levels})"), torch.no_grad():
-        model(**batch)
-        counts = model.vtoken.stats.llm_layer_tokens  # the first row's visual tokens per decoder layer
-        assert counts == [4] * levels + [3] * (4 - levels)
-    with pytest.raises(ValueError, match="DeepStack level"):
-        vtoken.wrap(model, "fastv", keep=3, site=f"llm({levels - 1})")
+    for site in range(1, levels + 1):
+        with vtoken.wrapped(model, "fastv", keep=3, site=f"llm({site})"), torch.no_grad():
+            model(**batch)
+            counts = model.vtoken.stats.llm_layer_tokens  # the first row's visual tokens per decoder layer
+            assert counts == [4] * site + [3] * (4 - site)
     with pytest.raises(ValueError, match="has no vision site for stage cls_attn: its DeepStack mergers read"):
         vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
     with torch.no_grad():  # a refused wrap leaves the model as it was
         torch.testing.assert_close(model(**batch).logits, tiny_qwen3_vl()(**batch).logits)
+
+
+def _causal(n: int) -> torch.Tensor:
+    return torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+
+def _hand_pruned_inside_deepstack(model, single, site, kept):
+    """The reference for one unpadded row with an llm(K) site inside the DeepStack layers: the unwrapped
+    model's own language-model inputs (embeddings, positions, visual mask, DeepStack levels), run layer by
+    layer; at layer K the sequence becomes the text and the kept visual positions (``kept``: indices among
+    the row's visual positions), and each remaining level is added after its layer at the kept ones."""
+    lm = model.model.language_model
+    seen, handle = lm_inputs(model)
+    with torch.no_grad():
+        model(**single)
+    handle.remove()
+    inputs = seen[0]
+    hidden, positions = inputs["inputs_embeds"], inputs["position_ids"]
+    text_positions, positions = (positions[0], positions[1:]) if positions.shape[0] == 4 else (None, positions)
+    rotary = lm.rotary_emb(hidden, positions)
+    visual, stack = inputs["visual_pos_masks"][0], list(inputs["deepstack_visual_embeds"])
+    with torch.no_grad():
+        for index, layer in enumerate(lm.layers):
+            if index == site:
+                keep = ~visual
+                keep[visual.nonzero()[:, 0][kept]] = True
+                hidden, visual = hidden[:, keep], visual[keep]
+                rotary = tuple(table[:, keep] for table in rotary)
+                text_positions = None if text_positions is None else text_positions[:, keep]
+                stack = [level[kept] for level in stack]
+            hidden = layer(hidden, attention_mask=_causal(hidden.shape[1]), position_ids=text_positions,
+                           position_embeddings=rotary)
+            if index < len(stack):
+                hidden = hidden.clone()
+                hidden[0, visual] = hidden[0, visual] + stack[index]
+        return model.lm_head(lm.norm(hidden))
+
+
+@pytest.mark.parametrize("moe", MOE)
+@pytest.mark.parametrize("method", ["fastv", "kcenter", "dart"])
+def test_llm_site_inside_the_deepstack_layers_equals_hand_pruned_reference(moe, method):
+    """llm(1) with two DeepStack levels: level 0 goes to every visual token, level 1 only to the kept ones
+    (3 per image or clip), at their positions in the shortened sequence."""
+    model = tiny_qwen3_vl(moe)
+    for row in ROWS:
+        single = qwen3_batch([row], seed=2)
+        with vtoken.wrapped(model, method, keep=3, site="llm(1)"), torch.no_grad():
+            got = model(**single).logits
+            kept = model.vtoken.stats.kept["llm(1)"][0]
+        assert kept.numel() == 3 * sum(not isinstance(item, int) for item in row)
+        expected = _hand_pruned_inside_deepstack(model, single, 1, kept)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 # --- Qwen3.5 -----------------------------------------------------------------------------------------
