@@ -7,11 +7,31 @@
 #                             environment. Only what that transformers needs differently is installed
 #                             there; torch and the rest (about 5 GB) come from .venv, which a second
 #                             full copy would not fit beside on CI's disk.
+#   scripts/setup.sh vllm     .venv-vllm: vLLM 0.33.0 and its pins (torch 2.14.0, torchvision 0.29.0,
+#                             transformers 5.20) layered over .venv the same way, for tests_vllm (the vLLM
+#                             plugin). vLLM and its pins go in without their dependencies, with only the
+#                             few that importing vLLM's model, processor and plugin code needs; the rest
+#                             (flashinfer, CUDA compilers, the HTTP server: several GB) is left out, so
+#                             this environment runs tests_vllm, not `vllm serve` (docs/serving.md).
 # torch 2.14.1 + torchvision 0.29.1 are the pinned pair (torchvision is needed by timm, open_clip and the
 # Qwen processors); on a CPU-only machine the same wheels run on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+if [ "$extras" = "vllm" ]; then
+  [ -x .venv/bin/python ] || { echo "setup.sh vllm layers over .venv: run scripts/setup.sh dev first" >&2; exit 2; }
+  python3 -m venv .venv-vllm
+  base=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  own=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "import site; site.addsitedir('$base')" > "$own/zz_over_main_venv.pth"  # as for `lowest` below
+  # torch 2.14.0 needs the same CUDA libraries as .venv's 2.14.1, so only torch itself is installed here
+  .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps torch==2.14.0 torchvision==0.29.0 \
+    transformers==5.20.2 vllm==0.33.0 apache-tvm-ffi==0.1.11 blake3==1.0.11 cachetools==8.0.2 cbor2==6.3.0 \
+    llguidance==1.7.6 msgspec==0.23.0 oss-harmony==0.0.11 partial-json-parser==0.2.1.1.post7 \
+    prometheus_client==0.26.0 py-cpuinfo==9.0.0 pybase64==1.5.1 pyzmq==27.3.0 uvloop==0.23.0 xgrammar==0.2.8
+  .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps -e .
+  exit 0
+fi
 venv=.venv
 [ "$extras" = "lowest" ] && venv=.venv-lowest
 if [ "$extras" = "lowest" ]; then
