@@ -302,3 +302,27 @@ def test_keep_64_gives_64_visual_tokens_per_image():
     for mode in MODES:
         with vtoken.wrapped(model, "cls_attn", keep=64, tile_budget=mode), torch.no_grad():
             assert lm_image_tokens(model, inputs) == [128], mode
+
+
+# --- labels with several images per row --------------------------------------------------------------------
+def internvl_blocks(model, batch: dict, rows: list, records: dict) -> list:
+    """Per image in placeholder order: (token id, size, slots kept at the projector); no structural slots."""
+    from tiny_models import IMAGE_TOKEN
+
+    selected = iter(records.get("projector") or [])
+    blocks = []
+    for row in rows:
+        for item in row:
+            if isinstance(item, tuple):
+                size = item[1] * IVL_TOKENS
+                slots = set(range(size)) if "projector" not in records else set(next(selected).tolist())
+                blocks.append((IMAGE_TOKEN, size, slots))
+    return blocks
+
+
+@pytest.mark.parametrize("case,stage", MULTI_STAGES)
+def test_multi_visual_labels_give_the_loss_of_the_returned_logits(case, stage):
+    from test_llava_onevision import check_multi_labels
+    from tiny_models import IMAGE_TOKEN
+
+    check_multi_labels(case, stage, internvl_blocks, [IMAGE_TOKEN])

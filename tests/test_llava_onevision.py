@@ -386,3 +386,92 @@ def test_lmms_eval_plugin_evaluates_a_tiny_onevision_checkpoint(tmp_path, monkey
     (model,) = seen
     stats = model.vtoken.stats
     assert sum(k.numel() for k in stats.kept["projector"]) == 16, "the last question's image kept 16 tokens"
+
+
+# --- labels with several images and videos per row -------------------------------------------------------
+def surviving_labels(batch: dict, labels: torch.Tensor, width: int, records: dict, blocks: list) -> torch.Tensor:
+    """The labels at the positions the returned logits hold: each row's text, and of its placeholders those
+    every site kept, together at the end of the row (left padding). ``blocks``: per visual block in
+    placeholder order (row by row), its token id, size and the slots the projector site kept (structure
+    included); the llm(K) records index each row's visual positions present at that layer."""
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    visual_ids = torch.tensor(sorted({token for token, _, _ in blocks}))
+    visual = torch.isin(ids, visual_ids)
+    walk = iter(blocks)
+    size = slot = 0
+    kept: set = set()
+    for r, p in visual.nonzero().tolist():
+        if slot == size:
+            (token, size, kept), slot = next(walk), 0
+            assert int(ids[r, p]) == token, "blocks are not in placeholder order"
+        visual[r, p] = slot in kept
+        slot += 1
+    for site in sorted((s for s in records if s.startswith("llm(")), key=lambda s: int(s[4:-1])):
+        for r, chosen in enumerate(records[site]):
+            positions = visual[r].nonzero()[:, 0]
+            visual[r] = False
+            visual[r, positions[chosen]] = True
+    present = (mask & ~torch.isin(ids, visual_ids)) | visual
+    out = torch.full((ids.shape[0], width), -100, dtype=labels.dtype)
+    for r in range(ids.shape[0]):
+        values = labels[r][present[r]]
+        out[r, width - values.numel():] = values
+    return out
+
+
+def onevision_blocks(model, batch: dict, rows: list, records: dict) -> list:
+    """Per visual block in placeholder order: (token id, size, slots kept at the projector). An image keeps
+    the newline of every canvas row (or of its lone base view) that keeps a token; a clip its last slot."""
+    images = []
+    if batch.get("pixel_values") is not None:
+        with torch.no_grad():
+            packed = model.model.get_image_features(
+                pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+                batch_num_images=batch["batch_num_images"]).pooler_output
+        newline = model.model.image_newline.detach()
+        images = [(len(p), (p == newline).all(-1).nonzero()[:, 0].tolist()) for p in packed]
+    images, clips = iter(images), iter([item for row in rows for item in row
+                                        if isinstance(item, tuple) and item[0] == "video"])
+    selected = iter(records.get("projector") or [])
+    blocks = []
+    for row in rows:
+        for item in row:
+            if not isinstance(item, tuple):
+                continue
+            if item[0] == "image":
+                size, newlines = next(images)
+                slots = set(range(size)) if "projector" not in records else set(next(selected).tolist())
+                starts = [0 if len(newlines) == 1 else SIDE2] + [n + 1 for n in newlines[:-1]]
+                slots |= {n for lo, n in zip(starts, newlines) if any(lo <= s < n for s in slots)}
+                blocks.append((IMAGE_TOKEN, size, slots))
+            else:
+                size = next(clips)[1] * POOLED + 1
+                slots = set(range(size)) if "projector" not in records else set(next(selected).tolist())
+                blocks.append((OV_VIDEO, size, slots | {size - 1}))
+    return blocks
+
+
+def check_multi_labels(case, stage, blocks_of, visual_ids):
+    model = case.model()
+    batch = case.batch("left")
+    labels = batch["input_ids"].masked_fill(torch.isin(batch["input_ids"], torch.tensor(visual_ids)), -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels).loss
+        with vtoken.wrapped(model, stage.method, **stage.keep_all):
+            torch.testing.assert_close(model(**batch, labels=labels).loss, expected, atol=1e-5, rtol=0)
+        with vtoken.wrapped(model, stage.method, **stage.prune):
+            out = model(**batch, labels=labels)
+            records = model.vtoken.stats.kept
+            aligned = surviving_labels(batch, labels, out.logits.shape[1], records,
+                                       blocks_of(model, batch, case.rows, records))
+    if any(site == "projector" or site.startswith("llm(") for site in records):  # a decode site keeps the prompt
+        assert aligned.shape[1] < labels.shape[1]
+    reference = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), aligned[:, 1:].flatten(),
+                                                  ignore_index=-100)
+    torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case,stage", MULTI_STAGES)
+def test_multi_visual_labels_give_the_loss_of_the_returned_logits(case, stage):
+    check_multi_labels(case, stage, onevision_blocks, [IMAGE_TOKEN, OV_VIDEO])
