@@ -85,6 +85,18 @@ class Qwen3_5Integration(Qwen3VLIntegration):
                 f"({self.first_full_attention()}), which must hold every token; stages with signals (fastv, dart) "
                 f"need layer K-1 to be a full-attention layer: K in {signal_sites}")
 
+    def check_pipeline(self) -> None:
+        """The base checks, after a clearer refusal of a signal stage where layer K-1 has no attention."""
+        for site in self.pipeline.sites:
+            if site.kind != "llm" or site.layer is None or not self.pipeline.signals_at(site):
+                continue
+            layer = site.layer
+            if layer in self.layer_range("llm") and self.layer_types()[layer - 1] != FULL:
+                names = ", ".join(stage.name for stage in self.pipeline.stages_at(site))
+                raise ValueError(f"{names} at {site} read(s) the attention of layer {layer - 1}, a linear-attention "
+                                 f"layer in this {self.family} model; accepted: {self.layer_note('llm')}")
+        super().check_pipeline()
+
     def provided_signals(self, site: Site) -> frozenset[str]:
         offered = super().provided_signals(site)
         if site.kind == "llm" and site.layer is not None and self.layer_types()[site.layer - 1] != FULL:

@@ -191,7 +191,8 @@ def test_refusals_say_why():
     model = tiny_qwen3_5()
     with pytest.raises(ValueError, match=r"llm\(1\) does not exist.*first full-attention layer \(1\)"):
         vtoken.wrap(model, "kcenter", keep=3, site="llm(1)")
-    with pytest.raises(ValueError, match=r"fastv at llm\(3\) need\(s\) the signal"):
+    with pytest.raises(ValueError, match=r"fastv at llm\(3\) read\(s\) the attention of layer 2, a linear-attention "
+                       r"layer .* K in \[2\]"):
         vtoken.wrap(model, "fastv", keep=3, site="llm(3)")
     with pytest.raises(ValueError, match="has no vision site for stage cls_attn: its learned position table"):
         vtoken.wrap(model, "cls_attn", keep=3, site="vision(1)")
