@@ -106,7 +106,7 @@ class Qwen3_5Integration(Qwen3VLIntegration):
     # --- linear-attention layers after an llm(K) site ---------------------------------------------
     def _install_hooks(self) -> None:
         super()._install_hooks()
-        first = min((site.layer for site in self.pipeline.sites if site.kind == "llm"), default=None)
+        first = self.first_llm_site()
         if self.decoder is None or first is None:
             return
         language_model = self.language_model()
