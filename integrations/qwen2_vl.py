@@ -85,9 +85,7 @@ class Qwen2VLIntegration(HFVisionLanguage):
         return {"llm": len(self.language_model().layers), "vision": len(self.vision().blocks)}
 
     def supported_site_kinds(self) -> tuple[str, ...]:
-        if hasattr(self.vision(), "window_size"):  # Qwen2.5-VL: see qwen_vision.py for why not inside
-            return ("projector", "llm")
-        return ("vision", "projector", "llm")
+        return ("vision", "projector", "llm")  # Qwen2.5-VL's windows: qwen25_windows.py
 
     def make_encoder_sites(self, sites: list) -> QwenVisionSites:
         if "cls_attn" in self.pipeline.signals_at(Site("projector")):

@@ -12,8 +12,13 @@ merged group is still 4 patches and takes the rotary rows of its central group. 
 hidden states, rotary table and ``cu_seqlens`` shrink together; pre-hooks hand the shrunk ones to
 the later blocks. Each attention segment (image or frame) is one budget unit.
 
-Qwen2.5-VL is not supported here: its tower permutes patches into windows and un-permutes the merged
-tokens with full-size indices inside its own forward, which pruning cannot follow without copying it.
+Qwen2.5-VL's tower runs the groups in window order and attends within windows outside its
+full-attention blocks (``qwen25_windows.py``: why the partition is kept rather than whole windows
+pruned, and which steps of its forward are followed). The stages see each segment's groups in raster
+order with their grid, as on Qwen2-VL; the kept ones go back into window order for the later blocks,
+the window ``cu_window_seqlens`` shrink with them, and the merged tokens come out in the stages' order.
+``cls_attn`` at the site is the attention received within what block L attends over: the whole frame
+after a full-attention block, the window after a window block (scores then compare within a window).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from vtoken.tokens import TokenSet
 
 from .base import SiteHooks
 from .grouping import run_in_groups
+from .qwen25_windows import check_window_forward, cut_pooled, full_size_merged, shrunk_windows, window_layout
 
 QUERY_CHUNK = 256
 
@@ -65,12 +71,23 @@ class _Segment:
     offset: int  # first merge group of this segment within its image's groups
     index: Tensor  # original merge-group index (within the image) of each current group
     grid: tuple[int, int] | None
+    #: Qwen2.5-VL: each current group's (its representative's) place in the tower's window order; the
+    #: tower holds the segment's groups sorted by it, the stages see them in ``index`` order
+    place: Tensor | None = None
+
+    def tower_rows(self) -> Tensor:
+        """Where each group (in the stages' order) sits among the segment's rows in the tower."""
+        if self.place is None:
+            return torch.arange(self.index.numel(), device=self.index.device)
+        return torch.argsort(torch.argsort(self.place))
 
 
 @dataclass
 class _State:
     segments: list[_Segment] = field(default_factory=list)
     cu_seqlens: Tensor | None = None
+    cu_windows: Tensor | None = None  # Qwen2.5-VL: the shrunk windows of the window blocks
+    windows: tuple[Tensor, Tensor] | None = None  # Qwen2.5-VL: window_layout of this pass
     rotary: tuple[Tensor, Tensor] | None = None
     captured: dict[str, Any] = field(default_factory=dict)
 
@@ -82,9 +99,15 @@ class QwenVisionSites(SiteHooks):
         super().__init__(pipeline, sites, key, end_call)
         self.visual, self.apply_rotary = visual, apply_rotary
         self.unit = visual.spatial_merge_size ** 2
+        self.windowed = hasattr(visual, "window_size")  # Qwen2.5-VL
+        if self.windowed:
+            check_window_forward(visual)
+        self.full_blocks = set(getattr(visual, "fullatt_block_indexes", None) or range(len(visual.blocks)))
         blocks = visual.blocks
         self.hooks.add(visual.register_forward_pre_hook(self._start, with_kwargs=True))
         self.hooks.add(visual.register_forward_hook(self._finish, always_call=True))
+        if self.windowed:
+            self.hooks.add(visual.merger.register_forward_hook(self._unpermute))
         for layer, site in self.sites.items():
             wanted = pipeline.signals_at(site)
             # the block's input (for cls_attn) and its cu_seqlens / rotary table (for the first site)
@@ -94,7 +117,8 @@ class QwenVisionSites(SiteHooks):
                 self.hooks.add(blocks[layer].mlp.register_forward_hook(self._capture_mlp))
             self.hooks.add(blocks[layer].register_forward_hook(partial(self._prune, site)))
         for layer in range(min(self.sites) + 1, len(blocks)):
-            self.hooks.add(blocks[layer].register_forward_pre_hook(self._shrunk_kwargs, with_kwargs=True))
+            self.hooks.add(blocks[layer].register_forward_pre_hook(partial(self._shrunk_kwargs, layer),
+                                                                   with_kwargs=True))
 
     def _state(self) -> _State | None:
         call = calls.current(self.key)
@@ -107,19 +131,40 @@ class QwenVisionSites(SiteHooks):
             call = calls.begin(self.key, Call(kind="encoder"))
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         merge = self.visual.spatial_merge_size
-        segments = []
+        windows = window_layout(self.visual, grid_thw, kwargs) if self.windowed else None
+        segments, first = [], 0
         for image, (t, h, w) in enumerate(grid_thw.tolist()):
             per_frame = h * w // self.unit
             for frame in range(t):
                 index = torch.arange(per_frame, device=grid_thw.device) + frame * per_frame
+                place = None if windows is None else windows[0][first : first + per_frame]
                 segments.append(_Segment(image=image, offset=frame * per_frame, index=index,
-                                         grid=(h // merge, w // merge)))
-        call.parts["qwen_vision"] = _State(segments=segments)
+                                         grid=(h // merge, w // merge), place=place))
+                first += per_frame
+        call.parts["qwen_vision"] = _State(segments=segments, windows=windows)
 
-    def _finish(self, module: Any, args: tuple, output: Any) -> None:
+    def _finish(self, module: Any, args: tuple, output: Any) -> Any:
         call = calls.current(self.key)
-        if call is not None and call.kind == "encoder":
+        if call is None:
+            return None
+        state = call.parts.get("qwen_vision")
+        if output is not None and state is not None and state.windows is not None and state.cu_seqlens is not None:
+            output = cut_pooled(output, sum(segment.index.numel() for segment in state.segments))
+        if call.kind == "encoder":
             self.end_call(call)
+        return output
+
+    def _unpermute(self, module: Any, args: tuple, output: Tensor) -> Tensor | None:
+        """The merged kept tokens, in the stages' order, placed where the tower's full-size un-permutation
+        reads them (``qwen25_windows.full_size_merged``)."""
+        state = self._state()
+        if state is None or state.cu_seqlens is None:
+            return None
+        rows, start = [], 0
+        for segment in state.segments:
+            rows.append(start + segment.tower_rows())
+            start += segment.index.numel()
+        return full_size_merged(output[torch.cat(rows)], state.windows[0])
 
     def _capture_input(self, wants_input: bool, module: Any, args: tuple, kwargs: dict) -> None:
         state = self._state()
@@ -130,14 +175,19 @@ class QwenVisionSites(SiteHooks):
     def _capture_mlp(self, module: Any, args: tuple, output: Tensor) -> None:
         self._state().captured["mlp"] = output
 
-    def _shrunk_kwargs(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _attends(self, layer: int, state: _State) -> Tensor:
+        """The shrunk segments block ``layer`` attends over: frames, or windows at a window block."""
+        return state.cu_seqlens if state.cu_windows is None or layer in self.full_blocks else state.cu_windows
+
+    def _shrunk_kwargs(self, layer: int, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = self._state()
         if state is None or state.cu_seqlens is None:
             return None
-        kwargs["cu_seqlens"] = state.cu_seqlens
+        cu_seqlens = self._attends(layer, state)
+        kwargs["cu_seqlens"] = cu_seqlens
         kwargs["position_embeddings"] = state.rotary
         if kwargs.get("max_seqlen") is not None:
-            kwargs["max_seqlen"] = int((state.cu_seqlens[1:] - state.cu_seqlens[:-1]).max())
+            kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return args, kwargs
 
     def _prune(self, site: Site, module: Any, args: tuple, output: Tensor) -> Tensor:
@@ -149,7 +199,7 @@ class QwenVisionSites(SiteHooks):
         if state.cu_seqlens is None:  # first site: what the block itself received
             cu_seqlens, rotary = block_kwargs["cu_seqlens"], block_kwargs["position_embeddings"]
         else:
-            cu_seqlens, rotary = state.cu_seqlens, state.rotary
+            cu_seqlens, rotary = self._attends(site.layer, state), state.rotary
         start = clock(device)
         per_patch: dict[str, Tensor] = {}
         if "input" in state.captured:
@@ -161,9 +211,11 @@ class QwenVisionSites(SiteHooks):
 
         units = hidden.view(-1, self.unit * hidden.shape[-1])  # one row per merge group
         per_group = {name: value.view(-1, self.unit).mean(1) for name, value in per_patch.items()}
-        bounds = (cu_seqlens // self.unit).tolist()
-        spans = [torch.arange(bounds[s], bounds[s + 1], device=device) for s in range(len(state.segments))]
-        keys = [(bounds[s + 1] - bounds[s], segment.grid) for s, segment in enumerate(state.segments)]
+        spans, start = [], 0  # each segment's groups (stages' order) as rows of the tower's sequence
+        for segment in state.segments:
+            spans.append(start + segment.tower_rows())
+            start += segment.index.numel()
+        keys = [(span.numel(), segment.grid) for span, segment in zip(spans, state.segments)]
 
         def stacked(members: list[int]) -> TokenSet:
             return TokenSet(
@@ -176,15 +228,22 @@ class QwenVisionSites(SiteHooks):
         kept_features: list[Tensor | None] = [None] * len(state.segments)
         for members, after, keep in run_in_groups(self.pipeline, site, keys, stacked, call.stats, scoring):
             for row, s in enumerate(members):
+                segment = state.segments[s]
                 kept_rows[s] = spans[s][keep.indices[row]]
                 kept_features[s] = after.features[row]
-                state.segments[s].index = after.index[row]
-                state.segments[s].grid = after.grid
+                segment.index, segment.grid = after.index[row], after.grid
+                if segment.place is not None:  # back into window order for the tower
+                    segment.place = segment.place[keep.indices[row]]
+                    order = torch.argsort(segment.place)
+                    kept_rows[s], kept_features[s] = kept_rows[s][order], kept_features[s][order]
         rows = torch.cat(kept_rows)  # current merge groups that stay (representatives for merged ones)
         patch_rows = (rows[:, None] * self.unit + torch.arange(self.unit, device=device)).reshape(-1)
         state.rotary = tuple(t[patch_rows] for t in rotary)
         counts = torch.tensor([f.shape[0] * self.unit for f in kept_features], device=device)
         state.cu_seqlens = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(cu_seqlens.dtype)
+        if state.windows is not None:
+            places = torch.cat([segment.place for segment in state.segments]).sort().values
+            state.cu_windows = shrunk_windows(places, state.windows[1], self.unit, cu_seqlens.dtype)
         call.stats.kept[str(site)] = [segment.index for segment in state.segments]
         return torch.cat(kept_features).reshape(-1, hidden.shape[-1]).to(hidden.dtype)
 
