@@ -38,8 +38,7 @@ from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
-from .llava_next import split_budget
-from .llava_onevision import capture_in_this_thread
+from .llava_next import capture_in_this_thread, split_budget
 
 TILE_BUDGETS = ("global", "tile", "guided")
 _NO_VISION_SITE = ("the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of "

@@ -23,6 +23,7 @@ Map of the model:
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +33,7 @@ from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
-from .llava import LlavaIntegration, _capture_into
+from .llava import LlavaIntegration
 from .projector_signals import clip_received_attention
 
 ANYRES_BUDGETS = ("global", "view", "guided")
@@ -69,7 +70,8 @@ class LlavaNextIntegration(LlavaIntegration):
         attn_blocks = self._encoder_attn_blocks(signals, layer)
         guided = self.settings["anyres_budget"] == "guided"
         captured: dict[int, Tensor] = {}
-        handles = [self.vision_layers()[i].register_forward_pre_hook(_capture_into(captured, i), with_kwargs=True)
+        handles = [self.vision_layers()[i].register_forward_pre_hook(capture_in_this_thread(captured, i),
+                                                                     with_kwargs=True)
                    for i in dict.fromkeys(wanted_layers + attn_blocks)]
         try:
             output = self.model.model.get_image_features(
@@ -189,6 +191,19 @@ class LlavaNextIntegration(LlavaIntegration):
 
     def overlay_view(self, image: Any, processor: Any) -> Any:
         raise NotImplementedError(f"{self.family} has no single patch grid per image to draw over the image")
+
+
+def capture_in_this_thread(store: dict[int, Tensor], index: int):
+    """A forward pre-hook storing a layer's input in ``store[index]``, only for forwards of the thread that
+    made it: the hook sits on a module every thread shares, and another thread's images must not land in
+    this call's store."""
+    owner = threading.get_ident()
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() == owner:
+            store[index] = args[0] if args else kwargs["hidden_states"]
+
+    return hook
 
 
 def split_budget(total: int, weights: list[float], caps: list[int]) -> list[int]:

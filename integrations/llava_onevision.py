@@ -35,7 +35,6 @@ Map of the model:
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import Any, ClassVar
 
 import torch
@@ -47,7 +46,7 @@ from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
-from .llava_next import LlavaNextIntegration, _newline_rule
+from .llava_next import LlavaNextIntegration, _newline_rule, capture_in_this_thread
 
 VIDEO_BUDGETS = ("clip", "frame")
 _NO_VISION_SITE = ("the AnyRes-max packing unpads and bilinearly shrinks every view's full patch grid, and video "
@@ -303,19 +302,6 @@ def received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
     q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     return kernels.attention_received(q, k, scale=attention.scale)
-
-
-def capture_in_this_thread(store: dict[int, Tensor], index: int):
-    """A forward pre-hook storing a layer's input in ``store[index]``, only for forwards of the thread that
-    made it: the hook sits on a module every thread shares, and another thread's images must not land in
-    this call's store."""
-    owner = threading.get_ident()
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if threading.get_ident() == owner:
-            store[index] = args[0] if args else kwargs["hidden_states"]
-
-    return hook
 
 
 def _in_placeholder_order(encoded: Encoded, input_ids: Tensor) -> Encoded:
