@@ -519,7 +519,7 @@ for _case in CASES + MULTI_VISUAL_CASES:
         _case.run = vlm_logits
 CASES_BY_NAME = {case.name: case for case in CASES + MULTI_VISUAL_CASES}
 #: LLaVA-OneVision on rows with several images, videos, an image and a video; tests/test_llava_onevision.py
-#: runs every clause of test_contract.py on it but labels (whose reference lays out one image a row)
+#: runs every clause of test_contract.py on it, labels with a reference that follows each block's kept slots
 ONEVISION_MULTI_CASES: list[Case] = [
     Case("llava_onevision_multi", "llava_onevision", "llava_onevision", True, tiny_llava_onevision,
          ONEVISION_MULTI_ROWS, onevision_inputs, CASES_BY_NAME["llava_onevision"].stages, lm_head, run=vlm_logits,
@@ -527,7 +527,7 @@ ONEVISION_MULTI_CASES: list[Case] = [
 ]
 CASES_BY_NAME.update({case.name: case for case in ONEVISION_MULTI_CASES})
 #: InternVL on rows with two images of different tile counts and videos (frames as one-tile images);
-#: tests/test_internvl.py runs every clause of test_contract.py on it but labels
+#: tests/test_internvl.py runs every clause of test_contract.py on it (labels as for LLaVA-OneVision's)
 INTERNVL_MULTI_CASES: list[Case] = [
     Case("internvl_multi", "internvl", "internvl", True, tiny_internvl, INTERNVL_MULTI_ROWS, internvl_inputs,
          CASES_BY_NAME["internvl"].stages, lm_head, run=vlm_logits,
