@@ -71,6 +71,9 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
             raise ValueError(f"video_budget={self.settings['video_budget']!r}; accepted: {', '.join(VIDEO_BUDGETS)}")
         super().install()
 
+    def supported_site_kinds(self) -> tuple[str, ...]:
+        return ("projector", "llm")  # not LLaVA-NeXT's: see unsupported_sites for vision(L)
+
     def video_token_id(self) -> int:
         return int(self.model.config.video_token_id)
 
