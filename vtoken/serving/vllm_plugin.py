@@ -12,6 +12,7 @@ from __future__ import annotations
 ARCHITECTURES = {
     "VtokenQwen2_5_VLForConditionalGeneration":
         "vtoken.serving.vllm_qwen2_5_vl:VtokenQwen2_5_VLForConditionalGeneration",
+    "VtokenQwen3VLForConditionalGeneration": "vtoken.serving.vllm_qwen3_vl:VtokenQwen3VLForConditionalGeneration",
 }
 
 
