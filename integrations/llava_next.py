@@ -18,7 +18,8 @@ Map of the model:
 - ``image_newline`` tokens are structure, not budget: a row's newline is kept, still at the end of
   the row's kept tokens, while the row keeps any token, and is dropped with the row otherwise.
 - The language model is LLaVA's (Llama/Mistral/Vicuna...): the ``llm(K)`` site works as for LLaVA.
-  ``vision(L)`` sites are refused: the packing needs every view's full patch grid.
+  ``vision(L)``: every view pruned in the tower, each kept token at its place in the model's own packing
+  (``llava_next_vision.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vtoken.stats import clock
 
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
+from .llava_next_vision import check_vision_options, kept_places, scatter_to_grid
 from .projector_signals import clip_received_attention
 
 ANYRES_BUDGETS = ("global", "view", "guided")
@@ -52,10 +54,11 @@ class LlavaNextIntegration(LlavaIntegration):
             raise ValueError(f"{', '.join(gridded)} at the projector need(s) each view on its patch grid, which an "
                              "image's tokens as one unit (anyres_budget='global') do not form; pass "
                              "anyres_budget='view' or 'guided'")
+        check_vision_options(self)
         super().install()
 
     def supported_site_kinds(self) -> tuple[str, ...]:
-        return ("projector", "llm")
+        return ("vision", "projector", "llm")
 
     def encode_images(self, inputs: dict[str, Any], signals: dict[str, dict]) -> Encoded:
         config = self.model.config
@@ -73,6 +76,11 @@ class LlavaNextIntegration(LlavaIntegration):
         handles = [self.vision_layers()[i].register_forward_pre_hook(capture_in_this_thread(captured, i),
                                                                      with_kwargs=True)
                    for i in dict.fromkeys(wanted_layers + attn_blocks)]
+        patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        if self.encoder_sites is not None:  # vision(L): the packing gets every view's full grid back
+            self._check_vision_sites(layer)
+            handles.append(self.model.model.multi_modal_projector.register_forward_hook(
+                scatter_to_grid(self.encoder_sites, patches)))
         try:
             output = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
@@ -82,6 +90,7 @@ class LlavaNextIntegration(LlavaIntegration):
             for handle in handles:
                 handle.remove()
         packed = list(output.pooler_output)
+        kept = None if self.encoder_sites is None else kept_places(self.encoder_sites, patches)
         layouts = self._layouts(packed, image_sizes)
         start = clock(packed[0].device)
         scores = None
@@ -100,6 +109,8 @@ class LlavaNextIntegration(LlavaIntegration):
         for image, (features, layout) in enumerate(zip(packed, layouts)):
             views = int(layout.max()) // (side * side) + 1
             tokens = (layout >= 0).nonzero()[:, 0]
+            if kept is not None:  # vision(L): the slots of the tokens the tower kept
+                tokens = tokens[kept[view_offset + layout[tokens] // patches, layout[tokens] % patches]]
             view_of = layout[tokens] // (side * side)
             patch_of = layout[tokens] % (side * side)
             signal = None if scores is None else scores[view_offset + view_of, patch_of]
@@ -148,7 +159,10 @@ class LlavaNextIntegration(LlavaIntegration):
                guided: bool, canvas: tuple[int, int] | None = None) -> list[int] | None:
         """Per-view budgets for 'view' and 'guided' modes (None lets each view keep a fraction itself).
         ``canvas``: the crop grid's (rows, cols) where the caller knows it (else read from the layout)."""
-        keep = self.pipeline.site_keep(next(s for s in self.pipeline.sites if s.kind == "projector"))
+        projector = next((s for s in self.pipeline.sites if s.kind == "projector"), None)
+        if projector is None:  # no stage at the projector (e.g. vision(L) only): nothing to split
+            return [None] * len(groups)
+        keep = self.pipeline.site_keep(projector)
         sizes = [int(g.numel()) for g in groups]
         total = sum(sizes)
         if isinstance(keep, float) and not guided:
