@@ -35,6 +35,7 @@ from vtoken.demo import (
     trace_tokens,
 )
 from vtoken.eval import scenes, scenes_model
+from vtoken.registry import STAGES
 from vtoken.sites import Site
 
 TOKENS = 576  # the embedded model: a 24 x 24 patch grid
@@ -131,7 +132,7 @@ def test_compare_runs_every_method(comparer, method):
     assert result["prompt"] == scenes_model.prompt("what color is the square?")
     owner = np.array(result["patch_tokens"])
     assert owner.shape == (TOKENS,) and owner.max() + 1 == KEEP
-    merging = method in ("pool", "pixel_shuffle")
+    merging = STAGES[method].merging  # pool, pixel_shuffle, visionzip: every patch goes into some token
     assert (owner >= 0).sum() == (TOKENS if merging else KEEP)
     assert ("merged into" in result["legend"]) == merging
     assert result["overlay"].size[0] == result["overlay"].size[1] > 0

@@ -107,8 +107,9 @@ def _open(source: Any, name: str, size: int) -> Image.Image:
 
 # --- methods ---------------------------------------------------------------------------------------
 def demo_methods() -> list[str]:
-    """Every registered method; each runs at a site the demo picks (see ``method_setup``)."""
-    return vtoken.list_methods()
+    """Every registered method that runs on one image, each at a site the demo picks (see ``method_setup``);
+    the video-only ones (``needs_clip``: DyCoke, HoliTom) are left out, the demo takes an image."""
+    return [name for name in vtoken.list_methods() if not getattr(STAGES.get(name), "needs_clip", False)]
 
 
 def family_of(model: Any) -> Any:
@@ -147,8 +148,15 @@ def method_setup(model: Any, method: str, keep: int | float, site: str | None,
         options["site"] = site.strip()
     elif len(classes) == len(names):
         for name, cls in zip(names, classes):
+            chosen = None
             if cls.default_site is None:
                 chosen = "projector" if "projector" in cls.site_kinds else f"vision({_default_vision_layer(model)})"
+            elif Site.parse(cls.default_site).kind == "llm":  # e.g. llm(7) on a 3-layer language model
+                layers = family_of(model).layer_range("llm")
+                default = Site.parse(cls.default_site).layer
+                if layers and default not in layers:
+                    chosen = f"llm({layers.stop - 1})"
+            if chosen is not None:
                 options.setdefault(name, {})["site"] = chosen
                 notes.append(f"{name} runs at {chosen}")
     if classes and len(classes) == len(names) and not any(cls.budgeted for cls in classes):
@@ -162,6 +170,12 @@ def method_setup(model: Any, method: str, keep: int | float, site: str | None,
         else:
             notes.append(f"{method} has a fixed ratio: the budget is not used")
     return options, "; ".join(notes)
+
+
+def _final(rows: list) -> list:
+    """A site's kept positions per row; at a ``decode`` site, where each row lists (step, kept) choices,
+    the visual tokens still in the cache after the last one (None when it made none)."""
+    return [(row[-1][1] if row else None) if isinstance(row, list) else row for row in rows]
 
 
 def _closest_ratio(grid: tuple[int, int], keep: int) -> int:
@@ -271,7 +285,7 @@ class Comparer:
                 records = [{"stage": r.stage, "site": r.site, "tokens_in": r.tokens_in, "tokens_out": r.tokens_out,
                             "scoring_ms": round(r.scoring_ms, 3), "select_ms": round(r.select_ms, 3)}
                            for r in stats.records]
-                kept = {name: [None if t is None else t.detach().cpu() for t in rows]
+                kept = {name: [None if t is None else t.detach().cpu() for t in _final(rows)]
                         for name, rows in stats.kept.items()}
                 merged = {name: [None if t is None else t.detach().cpu() for t in rows]
                           for name, rows in stats.merged.items()}
@@ -281,7 +295,11 @@ class Comparer:
         if tokens_in is None and records:
             tokens_in = records[0]["tokens_in"]
         last_site = str(sites[-1])
-        tokens_kept = sum(r["tokens_out"] for r in records if r["site"] == last_site) if records else tokens_in
+        final = kept.get(last_site) or [None]
+        if final[0] is not None:  # what the last site left (a decode site: after its last choice)
+            tokens_kept = int(final[0].numel())
+        else:
+            tokens_kept = sum(r["tokens_out"] for r in records if r["site"] == last_site) if records else tokens_in
         overlay, legend, owner = None, "no overlay: this model has no single patch grid per image", None
         if grid is not None:
             owner = trace_tokens(sites, kept, merged, grid[0] * grid[1])

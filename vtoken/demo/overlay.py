@@ -34,7 +34,7 @@ def trace_tokens(sites: list[Site], kept: dict[str, list], merged: dict[str, lis
             owner = np.where(alive, assign[np.clip(owner, 0, None)], -1)
             positions = chosen
             continue
-        if site.kind == "llm":
+        if site.kind in ("llm", "decode"):
             token_of = chosen  # positions into the current tokens
         else:
             where = {int(p): t for t, p in enumerate(positions)}
