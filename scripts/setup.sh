@@ -28,7 +28,9 @@ if [ "$extras" = "vllm" ]; then
   .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps torch==2.14.0 torchvision==0.29.0 \
     transformers==5.20.2 vllm==0.33.0 apache-tvm-ffi==0.1.11 blake3==1.0.11 cachetools==8.0.2 cbor2==6.3.0 \
     llguidance==1.7.6 msgspec==0.23.0 oss-harmony==0.0.11 partial-json-parser==0.2.1.1.post7 \
-    prometheus_client==0.26.0 py-cpuinfo==9.0.0 pybase64==1.5.1 pyzmq==27.3.0 uvloop==0.23.0 xgrammar==0.2.8
+    prometheus_client==0.26.0 py-cpuinfo==9.0.0 pybase64==1.5.1 pyzmq==27.3.0 uvloop==0.23.0 xgrammar==0.2.8 \
+    mistral_common==1.13.1 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+    rpds-py==2026.9.1 pydantic-extra-types==2.11.1 pycountry==26.2.16
   .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps -e .
   exit 0
 fi

@@ -6,7 +6,9 @@ from __future__ import annotations
 FAMILIES = {
     "qwen2_5_vl": {"arch": "VtokenQwen2_5_VLForConditionalGeneration", "stock": "Qwen2_5_VLForConditionalGeneration"},
     "qwen3_vl": {"arch": "VtokenQwen3VLForConditionalGeneration", "stock": "Qwen3VLForConditionalGeneration"},
+    "llava": {"arch": "VtokenLlavaForConditionalGeneration", "stock": "LlavaForConditionalGeneration"},
 }
+QWEN_FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 IMAGE_PAD = 5  # tiny_models.Q_IMAGE
 PROMPT = "what <|vision_start|><|image_pad|><|vision_end|> is in <|vision_start|><|image_pad|><|vision_end|> red"
 

@@ -14,8 +14,9 @@ grid. They are refused with the reason otherwise:
 
 The entry is ``{"method": "kcenter", "keep": 0.25, ...}``: ``method`` and ``keep`` as ``vtoken.wrap``
 takes them (``"a+b"`` pipelines too), any other key a stage option (e.g. ``"image_pivots": 4`` for
-dart). ``positions`` may only be ``"original"``: kept tokens keep their M-RoPE positions, as the
-Qwen integration does.
+dart). ``positions`` is the family's own: ``"original"`` for Qwen (kept tokens keep their M-RoPE
+positions, as the Qwen integrations do), ``"compact"`` for LLaVA (the server numbers the shortened prompt
+without gaps, as the LLaVA integration does by default).
 """
 
 from __future__ import annotations
@@ -56,22 +57,28 @@ class ServingPlan:
         return sum(self.pipeline.stage_budgets(PROJECTOR, count, 1, grid))
 
 
-def plan_from_config(hf_config: Any) -> ServingPlan:
+#: the positions mode each served family uses, and why it is the only one
+QWEN_POSITIONS = ("original", "served Qwen models keep each kept token's M-RoPE position")
+LLAVA_POSITIONS = ("compact", "the server numbers a prompt's positions itself, without gaps")
+
+
+def plan_from_config(hf_config: Any, positions: tuple[str, str] = QWEN_POSITIONS) -> ServingPlan:
     """The plan in ``hf_config.vtoken`` (a dict set with ``--hf-overrides``); a clear error without one."""
     entry = getattr(hf_config, CONFIG_KEY, None)
     if entry is None:
         raise ValueError(f"this architecture prunes visual tokens with vtoken and needs its plan: pass "
                          f'--hf-overrides \'{{"{CONFIG_KEY}": {EXAMPLE}, "architectures": [...]}}\'')
-    return parse_plan(entry)
+    return parse_plan(entry, positions)
 
 
-def parse_plan(entry: Any) -> ServingPlan:
+def parse_plan(entry: Any, positions: tuple[str, str] = QWEN_POSITIONS) -> ServingPlan:
+    """The checked plan; ``positions``: the family's one positions mode and why."""
     if not isinstance(entry, dict) or "method" not in entry:
         raise ValueError(f"the {CONFIG_KEY!r} entry must be an object with a method, e.g. {EXAMPLE}; got {entry!r}")
     options = {name: value for name, value in entry.items() if name not in ("method", "keep", "positions")}
-    positions = entry.get("positions", "original")
-    if positions != "original":
-        raise ValueError(f"positions={positions!r}: served Qwen models keep M-RoPE positions; accepted: 'original'")
+    mode, why = positions
+    if entry.get("positions", mode) != mode:
+        raise ValueError(f"positions={entry['positions']!r}: {why}; accepted: {mode!r}")
     keep = entry.get("keep")
     pipeline = build_pipeline(entry["method"], None if keep is None else parse_budget(keep), options)
     for stage in pipeline.stages:  # before the budget checks: the reason a stage cannot serve comes first

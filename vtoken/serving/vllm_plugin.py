@@ -3,7 +3,8 @@
 vLLM calls ``register`` in every process it starts; registration is lazy (``"module:Class"``), so the
 model module, and with it vLLM's model code, is imported only when a server asks for the architecture.
 Select one with ``--hf-overrides '{"architectures": ["VtokenQwen2_5_VLForConditionalGeneration"],
-"vtoken": {"method": "kcenter", "keep": 0.25}}'`` (docs/serving.md).
+"vtoken": {"method": "kcenter", "keep": 0.25}}'`` (or ``VtokenQwen3VLForConditionalGeneration``,
+``VtokenLlavaForConditionalGeneration``; docs/serving.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ ARCHITECTURES = {
     "VtokenQwen2_5_VLForConditionalGeneration":
         "vtoken.serving.vllm_qwen2_5_vl:VtokenQwen2_5_VLForConditionalGeneration",
     "VtokenQwen3VLForConditionalGeneration": "vtoken.serving.vllm_qwen3_vl:VtokenQwen3VLForConditionalGeneration",
+    "VtokenLlavaForConditionalGeneration": "vtoken.serving.vllm_llava:VtokenLlavaForConditionalGeneration",
 }
 
 

@@ -3,11 +3,10 @@
 Three parts of vLLM's own classes are replaced, nothing else is copied; the family files
 (``vllm_qwen2_5_vl.py``, ``vllm_qwen3_vl.py``) put these mixins in front of vLLM's classes:
 - the processor gives each image exactly K placeholders, K = what the plan keeps of its merged grid
-  (``ServingPlan.tokens_per_image``), and its multimodal cache keys carry the plan's digest, so an item
-  cached under one plan is never reused under another;
+  (``ServingPlan.tokens_per_image``), and its multimodal cache keys carry the plan (``vllm_common``);
 - ``embed_multimodal`` runs vLLM's vision tower, then vtoken's stages on each image's merged features
-  through the code path the transformers integration uses (``HFVisionLanguage._run_projector``), so the
-  same weights give the same selections; it returns the K kept features;
+  through the transformers integrations' own projector step (``vllm_common.select_kept``); it returns
+  the K kept features;
 - positions: kept tokens keep their full-grid M-RoPE positions and the text after an image starts where
   it would after the whole image, as the transformers integrations (``positions='original'``) compute
   them. The prompt's layout is known before the model runs but which tokens are kept is not, so
@@ -23,10 +22,7 @@ Three parts of vLLM's own classes are replaced, nothing else is copied; the fami
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -34,27 +30,10 @@ import torch
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
-from vtoken.integrations.hf_vlm import HFVisionLanguage
-from vtoken.integrations.visual_blocks import Encoded, VisualUnit
-from vtoken.stats import Stats
-
-from .plan import CONFIG_KEY, PROJECTOR, ServingPlan, parse_plan, plan_from_config
+from .vllm_common import PlanKeyedProcessor, plan_of, select_kept
 
 #: channels appended to each item's embeddings: t, h, w on the full grid, and the item's extent
 POSITION_CHANNELS = 4
-
-
-def plan_of(hf_config: Any) -> ServingPlan:
-    entry = getattr(hf_config, CONFIG_KEY, None)
-    if not isinstance(entry, dict):
-        return plan_from_config(hf_config)  # raises, naming what is missing
-    return _parsed(json.dumps(entry, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=16)
-def _parsed(entry: str) -> ServingPlan:
-    """The processor asks for the plan per request: it is parsed once per distinct entry."""
-    return parse_plan(json.loads(entry))
 
 
 def refuse_video_pruning(multimodal_config: Any) -> None:
@@ -63,15 +42,14 @@ def refuse_video_pruning(multimodal_config: Any) -> None:
                          "(vLLM's EVS) when serving one")
 
 
-class PruningProcessor:
+class PruningProcessor(PlanKeyedProcessor):
     """In front of a vLLM Qwen multimodal processor: K placeholders per image, cache keys per plan."""
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, Any],
                             out_mm_kwargs: Any) -> Sequence[PromptReplacement]:
         refuse_video_pruning(self.info.ctx.get_mm_config())
-        config = self.info.get_hf_config()
-        plan = plan_of(config)
-        merge = config.vision_config.spatial_merge_size
+        plan = self.plan()
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
         image = next(update for update in updates if update.modality == "image")
         token = image.target[0]
@@ -82,12 +60,6 @@ class PruningProcessor:
 
         replaced = PromptReplacement(modality="image", target=image.target, replacement=kept_placeholders)
         return [replaced if update is image else update for update in updates]
-
-    def _get_mm_hashes(self, inputs: Any) -> dict[str, list[str]]:
-        # every key carries the plan, also an item's client-given UUID, which vLLM otherwise uses as it is
-        plan = plan_of(self.info.get_hf_config())
-        keys = super()._get_mm_hashes(inputs)
-        return {modality: [f"{key}+vtoken-{plan.digest}" for key in items] for modality, items in keys.items()}
 
 
 class PruningModel:
@@ -108,12 +80,8 @@ class PruningModel:
         ``scored_width`` columns (the merger's output, as in the transformers integration), the rows keep
         all of them (Qwen3-VL's DeepStack levels ride behind)."""
         merge = self.visual.spatial_merge_size
-        units = [VisualUnit(block=0, features=f[:, :scored_width], grid=(h // merge, w // merge))
-                 for f, (_, h, w) in zip(features, grids)]
-        encoded = Encoded.one_block_per_unit(self.config.image_token_id, units)
-        # the transformers integration's projector step, run on this plan: same grouping, same stages
-        kept = HFVisionLanguage._run_projector(SimpleNamespace(pipeline=self.vtoken_plan.pipeline), encoded,
-                                               PROJECTOR, Stats())
+        kept = select_kept(self.vtoken_plan, [f[:, :scored_width] for f in features],
+                           [(h // merge, w // merge) for _, h, w in grids], self.config.image_token_id)
         self.last_kept = [slots for _, slots in kept]
         out = []
         for full, (values, slots), grid in zip(features, kept, grids):
