@@ -13,8 +13,12 @@ model gives an independent wrapped model. Pickling is refused with a message (ho
 from __future__ import annotations
 
 import copy
+import threading
 from functools import partial
 from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
 
 from vtoken import calls, signals
 from vtoken.pipeline import Pipeline
@@ -265,3 +269,16 @@ class Integration:
         ids = torch.randint(low, high, (count * 2,), generator=generator).tolist()
         skip = set(avoid)
         return [i for i in ids if i not in skip][:count]
+
+
+def capture_in_this_thread(store: dict[int, Tensor], index: int):
+    """A forward pre-hook storing a layer's input in ``store[index]``, only for forwards of the thread that
+    made it: the hook sits on a module every thread shares, and another thread's images must not land in
+    this call's store."""
+    owner = threading.get_ident()
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() == owner:
+            store[index] = args[0] if args else kwargs["hidden_states"]
+
+    return hook

@@ -37,8 +37,9 @@ from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
+from .base import capture_in_this_thread
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
-from .llava_next import capture_in_this_thread, split_budget
+from .llava_next import split_budget
 
 TILE_BUDGETS = ("global", "tile", "guided")
 _NO_VISION_SITE = ("the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of "

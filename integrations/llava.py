@@ -26,6 +26,7 @@ from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
+from .base import capture_in_this_thread
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
 from .projector_signals import clip_received_attention, encoder_attn_blocks
 from .vit_sites import EncoderLayout
@@ -103,7 +104,8 @@ class LlavaIntegration(HFVisionLanguage):
             self._check_vision_sites(layer)
         captured: dict[int, Tensor] = {}
         handles = [
-            self.vision_layers()[index].register_forward_pre_hook(_capture_into(captured, index), with_kwargs=True)
+            self.vision_layers()[index].register_forward_pre_hook(capture_in_this_thread(captured, index),
+                                                                  with_kwargs=True)
             for index in dict.fromkeys(wanted_layers + attn_blocks)
         ]
         try:
@@ -268,13 +270,6 @@ class LlavaIntegration(HFVisionLanguage):
             left, top = (image.width - cw) // 2, (image.height - ch) // 2
             image = image.crop((left, top, left + cw, top + ch))
         return image
-
-
-def _capture_into(store: dict[int, Tensor], index: int):
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        store[index] = args[0] if args else kwargs["hidden_states"]
-
-    return hook
 
 
 def _size_value(size: Any, key: str) -> int | None:

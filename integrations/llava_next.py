@@ -24,7 +24,6 @@ Map of the model:
 
 from __future__ import annotations
 
-import threading
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
+from .base import capture_in_this_thread
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next_vision import check_vision_options, kept_places, scatter_to_grid
@@ -205,19 +205,6 @@ class LlavaNextIntegration(LlavaIntegration):
 
     def overlay_view(self, image: Any, processor: Any) -> Any:
         raise NotImplementedError(f"{self.family} has no single patch grid per image to draw over the image")
-
-
-def capture_in_this_thread(store: dict[int, Tensor], index: int):
-    """A forward pre-hook storing a layer's input in ``store[index]``, only for forwards of the thread that
-    made it: the hook sits on a module every thread shares, and another thread's images must not land in
-    this call's store."""
-    owner = threading.get_ident()
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if threading.get_ident() == owner:
-            store[index] = args[0] if args else kwargs["hidden_states"]
-
-    return hook
 
 
 def split_budget(total: int, weights: list[float], caps: list[int]) -> list[int]:

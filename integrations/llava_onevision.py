@@ -45,8 +45,9 @@ from vtoken.flops import ModelDims, VisualCounts
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
+from .base import capture_in_this_thread
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
-from .llava_next import LlavaNextIntegration, _newline_rule, capture_in_this_thread
+from .llava_next import LlavaNextIntegration, _newline_rule
 
 VIDEO_BUDGETS = ("clip", "frame")
 _NO_VISION_SITE = ("the AnyRes-max packing unpads and bilinearly shrinks every view's full patch grid, and video "

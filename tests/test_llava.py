@@ -209,3 +209,33 @@ def test_from_pretrained_folder_roundtrip(tmp_path):
         with vtoken.wrapped(loaded, "kcenter", keep=TOKENS_PER_IMAGE):
             got = loaded(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_threads_capture_only_their_own_encoder_layers_for_projector_scores():
+    """cls_attn at the projector reads a vision layer's input through a hook on a module every thread
+    shares: each call must see its own images, never another thread's (one call's store was once
+    overwritten by a concurrent forward)."""
+    import threading
+
+    model = tiny_llava()
+    batches = [llava_batch([prompt_ids([20], 1, [30, 31])], seed=seed) for seed in range(3)]
+    vtoken.wrap(model, "cls_attn", keep=12)
+    with torch.no_grad():
+        alone = [(model(**batch).logits, list(model.vtoken.stats.kept["projector"])) for batch in batches]
+    results: dict[tuple[int, int], tuple] = {}
+    barrier = threading.Barrier(len(batches))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for n in range(4):
+            with torch.no_grad():
+                results[i, n] = model(**batches[i]).logits
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    vtoken.unwrap(model)
+    assert len(results) == 4 * len(batches)
+    for (i, n), logits in results.items():
+        torch.testing.assert_close(logits, alone[i][0], atol=1e-5, rtol=1e-5, msg=f"thread {i}, call {n}")
