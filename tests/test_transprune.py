@@ -161,3 +161,9 @@ def test_the_authors_schedule_runs_as_a_pyramid():
         recomputed = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
     assert counts == [144] * 7 + [126] * 2 + [90] * 3 + [18], counts
     assert torch.equal(cached, recomputed)
+
+
+def test_the_default_window_starts_at_layer_6_or_k_minus_1():
+    assert TransPrune(site="llm(12)").from_layer == 6
+    assert TransPrune(site="llm(7)").from_layer == 6
+    assert TransPrune(site="llm(3)").from_layer == 2

@@ -11,14 +11,14 @@ CVPR 2026; authors' code github.com/liaolea/TransPrune). Inputs at an ``llm(K)``
 Score: TTV and IGA, each divided by its sum over the row's visual tokens, added. Selection: top-k.
 
 Defaults follow the authors' LLaVA-1.5-7B scripts: transitions accumulate from layer 7 (1-based; 0-based
-``from_layer=6``), and the method prunes progressively at layers 7, 9 and 12 to 87.5 %, 62.5 % and
-12.5 % of the visual tokens, which vtoken writes as a pyramid:
+``from_layer=6``; a site before it sums layer K-1 alone), and the method prunes progressively at layers
+7, 9 and 12 to 87.5 %, 62.5 % and 12.5 % of the visual tokens, which vtoken writes as a pyramid:
 ``Pipeline([TransPrune(site="llm(7)", keep=0.875), TransPrune(site="llm(9)", keep=0.714),
 TransPrune(site="llm(12)", keep=0.2)])`` (a fraction is of the tokens reaching each site).
 Where vtoken differs: the softmax over positions runs over each row's attended positions (the code sums
 over the whole batch, which it runs one sample at a time), and the attention rows are recomputed from
-q/k without an attention map. The default site is ``llm(7)``; models with fewer layers need a site and
-``from_layer`` of their own.
+q/k without an attention map. The default site is ``llm(7)``; models with fewer layers need a site of
+their own.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from .base import Stage
 @register_stage("transprune")
 @dataclass
 class TransPrune(Stage):
-    from_layer: int = field(default=6, metadata={
-        "help": "first decoder layer (0-based) whose token transitions count; they are summed up to layer K-1 "
-                "(authors' LLaVA-1.5 setting: 6)"})
+    from_layer: int | None = field(default=None, metadata={
+        "help": "first decoder layer (0-based) whose token transitions count; they are summed up to layer K-1. "
+                "None: the authors' LLaVA-1.5 setting, 6, or K-1 for a site before layer 7"})
     attention: bool = field(default=True, metadata={
         "help": "add the instruction-guided attention (IGA) to TTV; False: TTV alone, which needs no attention"})
 
@@ -45,6 +45,8 @@ class TransPrune(Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.from_layer is None:
+            self.from_layer = min(6, self.site.layer - 1)
         if not 0 <= self.from_layer < self.site.layer:
             last = self.site.layer - 1
             raise ValueError(f"transprune at {self.site} sums the transitions of layers from_layer..{last}; "
