@@ -55,10 +55,10 @@ def test_stage_at_a_site_it_cannot_run_at():
 
 
 def test_site_the_model_does_not_have():
-    from tiny_models import tiny_qwen
+    from tiny_models import tiny_qwen3_vl
 
     with pytest.raises(ValueError, match="no vision site .* accepted: projector, llm\\(K\\)"):
-        vtoken.wrap(tiny_qwen("2.5"), "kcenter", keep=8, site="vision(1)")
+        vtoken.wrap(tiny_qwen3_vl(False), "kcenter", keep=8, site="vision(1)")
     with pytest.raises(ValueError, match="vision\\(1\\) does not exist .*0 <= L < 1 \\(blocks before block 1, "
                                          "which produces the vision feature layer"):
         vtoken.wrap(tiny_llava(), "kcenter", keep=8, site="vision(1)")

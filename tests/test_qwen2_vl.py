@@ -234,6 +234,3 @@ def test_vision_site_prunes_whole_merge_groups(method, options, kept):
     assert out.shape[1] == batch["input_ids"].shape[1] + 3
 
 
-def test_qwen2_5_refuses_vision_sites_with_the_reason():
-    with pytest.raises(ValueError, match="no vision site"):
-        vtoken.wrap(tiny_qwen("2.5"), "pixel_shuffle", layer=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vtoken
-from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava, tiny_qwen
+from tiny_models import TOKENS_PER_IMAGE, llava_batch, prompt_ids, tiny_llava, tiny_qwen, tiny_qwen3_vl
 from vtoken.stages.base import Stage
 from vtoken.tokens import Keep, TokenSet, sorted_topk
 
@@ -45,8 +45,8 @@ def test_an_empty_name_in_a_pipeline_is_named_as_such():
 
 
 def test_errors_name_the_models_own_family():
-    with pytest.raises(ValueError, match="qwen2_5_vl has no vision site"):
-        vtoken.wrap(tiny_qwen("2.5"), "kcenter", keep=4, site="vision(1)")
+    with pytest.raises(ValueError, match="qwen3_vl has no vision site for stage kcenter: its DeepStack"):
+        vtoken.wrap(tiny_qwen3_vl(False), "kcenter", keep=4, site="vision(1)")
     with pytest.raises(ValueError, match="positions='compact': qwen2_5_vl keeps M-RoPE positions"):
         vtoken.wrap(tiny_qwen("2.5"), "kcenter", keep=4, positions="compact")
 
