@@ -7,8 +7,8 @@
 #                             environment. Only what that transformers needs differently is installed
 #                             there; torch and the rest (about 5 GB) come from .venv, which a second
 #                             full copy would not fit beside on CI's disk.
-#   scripts/setup.sh vllm     .venv-vllm: vLLM 0.33.0 and its pins (torch 2.14.0, torchvision 0.29.0,
-#                             transformers 5.20) layered over .venv the same way, for tests_vllm (the vLLM
+#   scripts/setup.sh vllm     .venv-vllm: vLLM 0.33.0 and its transformers pin (5.20; torch and torchvision
+#                             from .venv) layered over .venv the same way, for tests_vllm (the vLLM
 #                             plugin). vLLM and its pins go in without their dependencies, with only the
 #                             few that importing vLLM's model, processor and plugin code needs; the rest
 #                             (flashinfer, CUDA compilers, the HTTP server: several GB) is left out, so
@@ -24,8 +24,10 @@ if [ "$extras" = "vllm" ]; then
   base=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   own=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import site; site.addsitedir('$base')" > "$own/zz_over_main_venv.pth"  # as for `lowest` below
-  # torch 2.14.0 needs the same CUDA libraries as .venv's 2.14.1, so only torch itself is installed here
-  .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps torch==2.14.0 torchvision==0.29.0 \
+  # torch and torchvision come from .venv (2.14.1 / 0.29.1, the patch releases after vLLM's pins 2.14.0 /
+  # 0.29.0): the tests build vLLM's model classes on the CPU, which the pins' patch level does not change,
+  # and a second torch (1.2 GB) is what CI's disk has least room for
+  .venv-vllm/bin/python -m pip install -q --no-cache-dir --no-deps \
     transformers==5.20.2 vllm==0.33.0 apache-tvm-ffi==0.1.11 blake3==1.0.11 cachetools==8.0.2 cbor2==6.3.0 \
     llguidance==1.7.6 msgspec==0.23.0 oss-harmony==0.0.11 partial-json-parser==0.2.1.1.post7 \
     prometheus_client==0.26.0 py-cpuinfo==9.0.0 pybase64==1.5.1 pyzmq==27.3.0 uvloop==0.23.0 xgrammar==0.2.8 \
