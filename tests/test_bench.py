@@ -314,3 +314,20 @@ def test_qwen3_vl_8b_architecture_keeps_widths_and_its_deepstack_taps():
         assert taps == sorted(set(taps)) and all(0 <= tap < config.vision_config.depth for tap in taps)
         assert config.text_config.num_hidden_layers >= len(taps)
         assert config.text_config.hidden_size == 4096 and config.vision_config.hidden_size == 1152
+
+
+def test_bench_reports_a_decode_sites_cache_and_decode_speed_against_the_unpruned_model():
+    result = bench.run_bench(tiny_llava(), methods=["decode_topk@decode(2)"], budgets=[8], runs=1, warmup=0,
+                             decode_tokens=4, out=None, progress=False)
+    base, row = result["rows"]
+    assert row["oracle_kind"].startswith("n/a (decode site") and row["visual_tokens"] == base["visual_tokens"]
+    # the prefill's cache is the same; after generate() the stage has freed all but 8 visual entries per layer
+    assert row["kv_cache_bytes"] == base["kv_cache_bytes"]
+    assert row["base_kv_after_decode_bytes"] > row["kv_after_decode_bytes"] > 0
+    config = tiny_llava().config.text_config  # K and V per layer and entry, fp32
+    per_entry = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size //
+                                                                            config.num_attention_heads) * 4
+    freed = row["base_kv_after_decode_bytes"] - row["kv_after_decode_bytes"]
+    assert freed == (TOKENS_PER_IMAGE - 8) * per_entry
+    assert row["decode_tok_s"] > 0 and row["base_decode_tok_s"] > 0 and row["decode_speedup"] > 0
+    assert "decode site, decode_topk@decode(2) keep 8" in bench.format_table(result)

@@ -137,8 +137,11 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
             return result
 
         vision_sites = [site for site in sites if site.kind == "vision"]
+        decode_site = any(site.kind == "decode" for site in sites)
         around = {"baseline": lambda: unpruned(model, spec, keep)}
-        if has_vision_site and len(vision_sites) < len(sites):
+        if decode_site and all(site.kind == "decode" for site in sites):
+            oracle, oracle_kind = None, "n/a (decode site: the prefill is not pruned)"
+        elif has_vision_site and len(vision_sites) < len(sites):
             oracle, oracle_kind = None, "n/a (vision(L) with another site)"
         elif has_vision_site:
             oracle = vision_oracle(work.family, inputs, seen.kwargs, kept, vision_sites,
@@ -189,6 +192,8 @@ def measure_method(work: Workload, spec: Any, keep: int | float, runs: int, warm
         row.update(_flops(work, per_layer, vision_site=has_vision_site, records=records))
         row["kv_cache_bytes"] = kv
         row.update(paired_generate(work, spec, keep, decode_tokens, generate_runs))
+        if decode_site:
+            row.update(decode_cache_bytes(work, spec, keep, decode_tokens))
         return row
     finally:
         if hasattr(model, "vtoken"):
@@ -210,7 +215,24 @@ def paired_generate(work: Workload, spec: Any, keep: int | float, decode_tokens:
         values = [m[name] for m in mine if m[name] is not None]
         out[name] = rounded(statistics.median(values), 2) if values else None
     out["total_speedup"] = paired_ratio([b["generate_ms"] for b in base], [m["generate_ms"] for m in mine])
+    base_decode = [b["decode_tok_s"] for b in base if b["decode_tok_s"] is not None]
+    out["base_decode_tok_s"] = rounded(statistics.median(base_decode), 2) if base_decode else None
+    pairs = [(m["decode_tok_s"], b["decode_tok_s"]) for m, b in zip(mine, base)
+             if m["decode_tok_s"] and b["decode_tok_s"]]
+    out["decode_speedup"] = paired_ratio([m for m, _ in pairs], [b for _, b in pairs])
     return out
+
+
+def decode_cache_bytes(work: Workload, spec: Any, keep: int | float, decode_tokens: int) -> dict[str, Any]:
+    """A ``decode`` site frees KV entries while generating: the cache a generate() leaves, wrapped and unpruned
+    (the cache after the prefill is the same for both)."""
+    from vtoken.integrations.decode_cache import generated_cache_bytes
+
+    new_tokens = max(decode_tokens, 1) + 1
+    mine = generated_cache_bytes(work.model, work.inputs, new_tokens)
+    with unpruned(work.model, spec, keep):
+        base = generated_cache_bytes(work.model, work.inputs, new_tokens)
+    return {"kv_after_decode_bytes": mine, "base_kv_after_decode_bytes": base}
 
 
 def _row(work: Workload, label: str, site: str, keep: Any, lm_kwargs: dict[str, Any],

@@ -15,8 +15,8 @@ CSV_COLUMNS = [
     "oracle_ms", "oracle_min_ms", "oracle_max_ms", "oracle_vision_ms", "oracle_llm_ms", "oracle_kind",
     "speedup", "oracle_speedup", "flops_speedup", "measured_over_oracle",
     "scoring_ms", "select_ms", "overhead_pct", "stage_times",
-    "decode_tok_s", "generate_ms", "generate_tok_s", "total_speedup",
-    "peak_mem_mb", "kv_cache_bytes",
+    "decode_tok_s", "generate_ms", "generate_tok_s", "total_speedup", "base_decode_tok_s", "decode_speedup",
+    "peak_mem_mb", "kv_cache_bytes", "kv_after_decode_bytes", "base_kv_after_decode_bytes",
     "gflops_vision", "gflops_projector", "gflops_llm", "gflops_total",
 ]
 
@@ -182,8 +182,24 @@ def format_table(result: dict[str, Any]) -> str:
         )
     lines.append("speedup, oracle, total, meas/or: medians of per-pair ratios against runs taken in turn with "
                  "the unpruned model (or the oracle)")
+    lines += decode_site_lines(result["rows"])
     lines += spread_footer(result["rows"], max_spread)
     return "\n".join(lines)
+
+
+def decode_site_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """For methods with a ``decode`` site (their prefill is the unpruned one): decode tokens/s and the KV
+    cache a generate() leaves, each against the unpruned model's in the same run."""
+    lines = []
+    for r in rows:
+        if r.get("kv_after_decode_bytes") is None:
+            continue
+        decode = (f"decode {_fmt(r['decode_tok_s'], '.1f')} tok/s vs {_fmt(r.get('base_decode_tok_s'), '.1f')} "
+                  f"unpruned (paired x{_fmt(r.get('decode_speedup'), '.2f')})")
+        cache = (f"KV cache after generate() {r['kv_after_decode_bytes'] / 2**20:.2f} MB vs "
+                 f"{r['base_kv_after_decode_bytes'] / 2**20:.2f} MB unpruned")
+        lines.append(f"decode site, {r['method']} keep {r['keep']}: {decode}; {cache}")
+    return lines
 
 
 def _fmt(value: Any, spec: str) -> str:
