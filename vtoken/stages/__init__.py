@@ -6,6 +6,7 @@ from .cls_attn import ClsAttn
 from .dart import Dart
 from .decode_topk import DecodeTopK
 from .dycoke import DyCoke
+from .dycoke_decode import DyCokeKV
 from .fastv import FastV
 from .hiprune import HiPrune
 from .holitom import HoliTom
@@ -14,8 +15,11 @@ from .pixel_shuffle import PixelShuffle
 from .pool import Pool
 from .random import RandomKeep
 from .repshift import RepShift
+from .sparsevlm import SparseVLM
 from .transprune import TransPrune
 from .visionzip import VisionZip
+from .vscan import VScanScan
 
-__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "FastV", "HiPrune", "HoliTom", "KCenter",
-           "PixelShuffle", "Pool", "RandomKeep", "RepShift", "TransPrune", "VisionZip"]
+__all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "DyCokeKV", "FastV", "HiPrune", "HoliTom",
+           "KCenter", "PixelShuffle", "Pool", "RandomKeep", "RepShift", "SparseVLM", "TransPrune", "VisionZip",
+           "VScanScan"]

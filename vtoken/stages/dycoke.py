@@ -27,8 +27,8 @@ Where vtoken differs, and why:
   (``similarities[(i - 2) // 2]``) and loses the last frame of an odd count; here each frame is compared
   with its own comparison frame as the paper describes.
 - Ties (equal similarity) keep the lower position.
-- DyCoke's second part, pruning the visual KV cache entries while decoding, is not this stage: it belongs
-  to a decode-time site (see docs/methods.md).
+- DyCoke's second part, pruning the visual KV cache entries while decoding, is not this stage: it is
+  ``dycoke_kv`` on the ``decode`` site (``dycoke_decode.py``), composed as ``"dycoke+dycoke_kv@decode"``.
 """
 
 from __future__ import annotations
