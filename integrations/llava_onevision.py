@@ -23,7 +23,9 @@ Map of the model:
 - Budgets: ``anyres_budget`` splits an image's budget as LLaVA-NeXT does (``global`` one budget over
   base and crops, ``view`` proportional shares, ``guided`` crops weighted by the base view's scores over
   the region they cover, GlobalCom^2); ``video_budget`` gives a clip one budget (``clip``) or each frame
-  its own (``frame``). An int keep is per image (per clip or frame for videos) in every mode.
+  its own (``frame``). An int keep is per image (per clip or frame for videos) in every mode. A clip's
+  unit is its frames' pooled tokens with their (frames, h, w) layout (``TokenSet.layout``: ``dycoke`` and
+  ``holitom`` compare each place across frames); its final newline is not in the unit.
 - Newlines are structure, not budget: an image's row-end newline stays while its row keeps a token
   (a lone base view is one row, so its newline always stays); a clip's final newline always stays.
   With ``keep=64`` the language model receives 64 visual tokens per image, plus one newline per kept
@@ -40,14 +42,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import kernels, signals
+from vtoken import signals
 from vtoken.flops import ModelDims, VisualCounts
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
 from .base import capture_in_this_thread
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
-from .llava_next import LlavaNextIntegration, _newline_rule
+from .llava import LlavaIntegration
+from .llava_next import ANYRES_BUDGETS, LlavaNextIntegration, _newline_rule
+from .projector_signals import clip_received_attention
 
 VIDEO_BUDGETS = ("clip", "frame")
 _NO_VISION_SITE = ("the AnyRes-max packing unpads and bilinearly shrinks every view's full patch grid, and video "
@@ -70,6 +74,15 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
     def install(self) -> None:
         if self.settings["video_budget"] not in VIDEO_BUDGETS:
             raise ValueError(f"video_budget={self.settings['video_budget']!r}; accepted: {', '.join(VIDEO_BUDGETS)}")
+        gridded = [stage for stage in self.pipeline.stages if stage.needs_grid and stage.site.kind == "projector"]
+        if gridded and all(getattr(stage, "needs_clip", False) for stage in gridded):
+            # clip stages (dycoke, holitom) take a clip's (frames, h, w) layout and refuse images at call time,
+            # so LLaVA-NeXT's check that an image's views each form a grid does not concern them
+            if self.settings["anyres_budget"] not in ANYRES_BUDGETS:
+                raise ValueError(f"anyres_budget={self.settings['anyres_budget']!r}; accepted: "
+                                 f"{', '.join(ANYRES_BUDGETS)}")
+            LlavaIntegration.install(self)
+            return
         super().install()
 
     def supported_site_kinds(self) -> tuple[str, ...]:
@@ -115,7 +128,7 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
         """Per view (or frame), per patch: the attention it receives, mean over the wanted layers ``[V, N]``."""
         if not wanted:
             return None
-        return torch.stack([received_attention(self.vision_layers()[i], captured[i]) for i in wanted]).mean(0)
+        return torch.stack([clip_received_attention(self.vision_layers()[i], captured[i]) for i in wanted]).mean(0)
 
     # --- images ----------------------------------------------------------------------------------
     def _encode_stills(self, inputs: dict[str, Any], layer: Any, wanted: list[int], blocks: list[VisualBlock],
@@ -233,8 +246,10 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
             spans = [(f * pooled, (f + 1) * pooled) for f in range(frames)] if per_frame else [(0, tokens)]
             for lo, hi in spans:
                 slots = torch.arange(lo, hi, device=features.device)
+                # a whole clip's (frames, h, w) is its layout (temporal stages compare each place across frames)
                 units.append(VisualUnit(
-                    block=block, features=features[clip, lo:hi], grid=grid if per_frame else None, index=slots,
+                    block=block, features=features[clip, lo:hi], grid=grid if per_frame else (frames, *grid),
+                    index=slots,
                     signals={} if scores is None else {"cls_attn": scores[clip, lo:hi]},
                 ))
         return seconds
@@ -295,17 +310,6 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
     def unit_grids(self, inputs: dict[str, Any]) -> list[tuple[int, int] | None]:
         raise NotImplementedError(f"unit grids for {self.family} are not implemented: an image's units depend on "
                                   "its views, the AnyRes-max shrink and batch_num_images")
-
-
-def received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-    """The attention each token receives in a SigLIP (or CLIP) encoder layer, mean over heads and queries:
-    ``[B, N]``, from the layer's input and its own ``layer_norm1``, ``q_proj`` and ``k_proj``."""
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    batch, length, _ = normed.shape
-    q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    return kernels.attention_received(q, k, scale=attention.scale)
 
 
 def _in_placeholder_order(encoded: Encoded, input_ids: Tensor) -> Encoded:

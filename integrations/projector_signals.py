@@ -13,8 +13,6 @@ from vtoken import kernels
 
 from .visual_blocks import Encoded, VisualBlock
 
-#: query rows per attention_rows call in clip_received_attention
-QUERY_CHUNK = 256
 
 def prompt_text(model: Any, input_ids: Tensor, mask: Tensor | None, encoded: Encoded) -> list[Tensor]:
     """Per unit, the ``prompt_text`` signal: the language model's input embeddings ``[T, D]`` of the text
@@ -61,14 +59,12 @@ def encoder_attn_blocks(params: dict, depth: int, object_share: float, deep: int
 
 
 def clip_received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
-    """Attention each token receives in a CLIP encoder layer, mean over heads and every query ([CLS]
-    included): ``[B, T]``, recomputed from the layer's input, ``layer_norm1``, ``q_proj`` and ``k_proj``."""
+    """Attention each token receives in a CLIP or SigLIP encoder layer, mean over heads and every query
+    ([CLS] included where there is one): ``[B, T]``, recomputed from the layer's input, ``layer_norm1``,
+    ``q_proj`` and ``k_proj``."""
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden)
     batch, length, _ = normed.shape
     q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    received = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
-    for start in range(0, length, QUERY_CHUNK):  # a few query rows at a time: no [T, T] map per head
-        received += kernels.attention_rows(q[:, :, start:start + QUERY_CHUNK], k, scale=attention.scale).sum(1)
-    return received / length
+    return kernels.attention_received(q, k, scale=attention.scale)  # no [T, T] map: blockwise column sums

@@ -41,13 +41,11 @@ from .base import SiteHooks
 from .grouping import run_in_groups
 from .qwen25_windows import check_window_forward, cut_pooled, full_size_merged, shrunk_windows, window_layout
 
-QUERY_CHUNK = 256
-
 
 def received_attention(block: torch.nn.Module, hidden: Tensor, cu_seqlens: Tensor, rotary: tuple[Tensor, Tensor],
                        apply_rotary: Callable) -> Tensor:
     """Mean attention each patch receives in ``block`` within its segment, mean over heads: ``[S]``.
-    Recomputed from the block's own norm, qkv projection and rotary table, query rows in chunks."""
+    Recomputed from the block's own norm, qkv projection and rotary table (``kernels.attention_received``)."""
     attention = block.attn
     normed = block.norm1(hidden)
     length = normed.shape[0]
@@ -55,13 +53,9 @@ def received_attention(block: torch.nn.Module, hidden: Tensor, cu_seqlens: Tenso
     q, k = apply_rotary(q, k, *rotary)
     received = torch.zeros(length, dtype=torch.float32, device=hidden.device)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        keys = k[start:end].transpose(0, 1)[None]
-        total = torch.zeros(end - start, dtype=torch.float32, device=hidden.device)
-        for chunk in range(start, end, QUERY_CHUNK):
-            queries = q[chunk : min(chunk + QUERY_CHUNK, end)].transpose(0, 1)[None]
-            total += kernels.attention_rows(queries, keys, scale=attention.scaling)[0].sum(0)
-        received[start:end] = total / (end - start)
+    for start, end in zip(bounds[:-1], bounds[1:]):  # each segment alone, its map never built
+        queries, keys = q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None]
+        received[start:end] = kernels.attention_received(queries, keys, scale=attention.scaling)[0]
     return received
 
 

@@ -94,6 +94,20 @@ def _attention_stats_kernel(
 
 
 @triton.jit
+def _probabilities(s, allowed, max_ptr, sum_ptr, stat, valid_rows):
+    """A tile's softmax probabilities from its scores (log2 units) and pass 1's per-row max and sum."""
+    row_max = tl.load(max_ptr + stat, mask=valid_rows, other=0.0)
+    row_sum = tl.load(sum_ptr + stat, mask=valid_rows, other=0.0)
+    # A row without any allowed key has sum 0 and max -inf; neutral statistics keep its terms, all
+    # exp2(-inf) = 0, at 0 instead of 0 * (1 / 0) = NaN.
+    has_keys = row_sum > 0
+    row_max = tl.where(has_keys, row_max, 0.0)
+    inv_sum = 1.0 / tl.where(has_keys, row_sum, 1.0)
+    # exp2(-inf) = 0 for disallowed keys (masking after exp2 could overflow on their scores first)
+    return tl.exp2(tl.where(allowed, s - row_max[:, None], -float("inf"))) * inv_sum[:, None]
+
+
+@triton.jit
 def _attention_rows_kernel(
         q_ptr, k_ptr, mask_ptr, limit_ptr, max_ptr, sum_ptr, out_ptr,
         heads, rows, n, dim, group, qk_scale,
@@ -113,25 +127,16 @@ def _attention_rows_kernel(
                          stride_qb, stride_qh, stride_qq, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          UPCAST, DOT_PRECISION, BLOCK_D)
-        stat = (b * heads + h) * rows + offs_q
-        row_max = tl.load(max_ptr + stat, mask=offs_q < rows, other=0.0)
-        row_sum = tl.load(sum_ptr + stat, mask=offs_q < rows, other=0.0)
-        # A row without any allowed key has sum 0 and max -inf; neutral statistics keep its terms, all
-        # exp2(-inf) = 0, at 0 instead of 0 * (1 / 0) = NaN.
-        has_keys = row_sum > 0
-        row_max = tl.where(has_keys, row_max, 0.0)
-        inv_sum = 1.0 / tl.where(has_keys, row_sum, 1.0)
-        # exp2(-inf) = 0 for disallowed keys (masking after exp2 could overflow on their scores first)
-        total += tl.exp2(tl.where(allowed, s - row_max[:, None], -float("inf"))) * inv_sum[:, None]
+        total += _probabilities(s, allowed, max_ptr, sum_ptr, (b * heads + h) * rows + offs_q, offs_q < rows)
     out = out_ptr + b * stride_ob + offs_q[:, None] * stride_oq + offs_n[None, :] * stride_on
     tl.store(out, total / heads,
              mask=(offs_q[:, None] < rows) & (offs_n[None, :] < n))
 
 
-def attention_rows_triton(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
-                          causal_limit: Tensor | None = None, block_n: int | None = None) -> Tensor:
-    """Launch both passes. Same contract as ``reference.attention_rows``; ``block_n`` (a power of two
-    >= 16) overrides the key tile size, for tests."""
+def launch_setup(q: Tensor, k: Tensor, scale: float | None, key_mask: Tensor | None, causal_limit: Tensor | None,
+                 block_n: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
+    """What both attention kernels' launches check and choose: one operand dtype for the dot, the mask and
+    limit tensors, and the keyword arguments every pass of either kernel takes."""
     batch, heads, rows, dim = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
     if heads % kv_heads:
@@ -142,18 +147,11 @@ def attention_rows_triton(q: Tensor, k: Tensor, *, scale: float | None = None, k
     # float32 operands instead. Compiled kernels keep the 16-bit operands.
     upcast = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
     scale = dim ** -0.5 if scale is None else scale
-    out = torch.empty(batch, rows, n, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out
-    row_max = torch.empty(batch * heads * rows, dtype=torch.float32, device=q.device)
-    row_sum = torch.empty_like(row_max)
     # Unused pointers still need a tensor argument; the constexpr flags keep them unread.
-    mask = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else out
-    limit = causal_limit.to(device=q.device, dtype=torch.int64) if causal_limit is not None else out
+    mask = key_mask.to(device=q.device, dtype=torch.int8) if key_mask is not None else q
+    limit = causal_limit.to(device=q.device, dtype=torch.int64) if causal_limit is not None else q
     # Tiles of up to 32 rows x 64 keys x 128 dims at 8 warps compile without register spills on sm_90
     # for 16-bit and fp32 operands alike (64-row tiles spill in pass 2).
-    block_q = min(32, max(16, triton.next_power_of_2(rows)))
-    block_n = block_n or 64
     common = {
         "heads": heads, "rows": rows, "n": n, "dim": dim, "group": heads // kv_heads,
         "qk_scale": float(scale) * LOG2E,
@@ -166,9 +164,25 @@ def attention_rows_triton(q: Tensor, k: Tensor, *, scale: float | None = None, k
         "HAS_MASK": key_mask is not None, "HAS_LIMIT": causal_limit is not None,
         # The dot precision only matters for fp32 operands; 16-bit dots ignore it.
         "UPCAST": upcast, "DOT_PRECISION": "ieee" if upcast else "tf32",
-        "BLOCK_Q": block_q, "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(dim)),
-        "num_warps": 8,
+        "BLOCK_Q": min(32, max(16, triton.next_power_of_2(rows))), "BLOCK_N": block_n or 64,
+        "BLOCK_D": max(16, triton.next_power_of_2(dim)), "num_warps": 8,
     }
+    return q, k, mask, limit, common
+
+
+def attention_rows_triton(q: Tensor, k: Tensor, *, scale: float | None = None, key_mask: Tensor | None = None,
+                          causal_limit: Tensor | None = None, block_n: int | None = None) -> Tensor:
+    """Launch both passes. Same contract as ``reference.attention_rows``; ``block_n`` (a power of two
+    >= 16) overrides the key tile size, for tests."""
+    q, k, mask, limit, common = launch_setup(q, k, scale, key_mask, causal_limit, block_n)
+    batch, heads, rows = q.shape[:3]
+    n = k.shape[2]
+    out = torch.empty(batch, rows, n, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    row_max = torch.empty(batch * heads * rows, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty_like(row_max)
+    block_q, block_n = common["BLOCK_Q"], common["BLOCK_N"]
     row_tiles = math.ceil(rows / block_q)
     _attention_stats_kernel[(batch * heads, row_tiles)](q, k, mask, limit, row_max, row_sum, **common)
     _attention_rows_kernel[(batch, row_tiles, math.ceil(n / block_n))](

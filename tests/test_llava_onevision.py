@@ -50,7 +50,7 @@ def packed_image(model, inputs, image):
 def test_received_attention_equals_the_eager_attention_maps_column_means():
     """cls_attn on a tower without [CLS]: per patch, the mean over heads and queries of the attention map
     the eager SigLIP layer itself returns."""
-    from vtoken.integrations.llava_onevision import received_attention
+    from vtoken.integrations.projector_signals import clip_received_attention as received_attention
 
     model = tiny_llava_onevision("eager")
     pixels = torch.randn(3, 3, OV_SIDE * 14, OV_SIDE * 14, generator=torch.Generator().manual_seed(0))
@@ -65,7 +65,7 @@ def test_received_attention_equals_the_eager_attention_maps_column_means():
 def test_cls_attn_keeps_the_patches_that_receive_most_attention():
     """keep=10 with cls_attn on one base view: the 10 patches with the highest received attention in the
     feature layer's block (its input captured from the tower's hidden states), in order."""
-    from vtoken.integrations.llava_onevision import received_attention
+    from vtoken.integrations.projector_signals import clip_received_attention as received_attention
 
     model = tiny_llava_onevision()
     rows = [[20, ("image", (60, 110), 71), 30, ("image", (84, 84), 72), 31]]  # two images: base views only
@@ -198,7 +198,7 @@ def test_video_budget_per_clip_or_frame(video_budget, keep, expected):
 def test_video_scores_are_pooled_like_the_features():
     """Per frame: received attention in the feature block, pooled by the model's own apply_pooling; the
     clip keeps the top tokens of those pooled scores."""
-    from vtoken.integrations.llava_onevision import received_attention
+    from vtoken.integrations.projector_signals import clip_received_attention as received_attention
 
     model = tiny_llava_onevision()
     inputs = video_batch(frames=2)
