@@ -52,6 +52,7 @@ from .base import SiteHooks
 from .decode_site import DecodeSite, follow_rows
 from .decoder_tensors import (
     cache_of,
+    extend_layers,
     gather_decode_mask,
     gather_prefill_kwargs,
     last_prompt_position,
@@ -62,12 +63,13 @@ from .decoder_tensors import (
     text_after_visual,
 )
 from .grouping import run_in_groups
+from .recycling import apply_merges, choose_raters, merge_targets, rater_attention
 from .transitions import TransitionHooks, accumulated, instruction_attention
 
 #: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
 CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
 #: the signals computed from layer K-1's captured input (the others: transitions.py)
-FROM_LAYER_BEFORE = frozenset({signals.LAST_QUERY_ATTN, signals.KEY_NORM, signals.TEXT_TOKENS})
+FROM_LAYER_BEFORE = frozenset({signals.LAST_QUERY_ATTN, signals.KEY_NORM, signals.TEXT_TOKENS, signals.RATER_ATTN})
 
 
 @dataclass
@@ -93,6 +95,8 @@ class DecoderCall:
     decode: Any = None  # the decode site's DecodeState, from the end of the prefill on
     transitions: dict[int, Tensor] = field(default_factory=dict)  # layer -> TTV at decoder-input positions
     copies: int = 1  # rows per prompt after expand
+    raters: Tensor | None = None  # [B, L] SparseVLM's text raters, chosen from the decoder input
+    merges: dict[int, Tensor] = field(default_factory=dict)  # site K -> merge targets (recycling.py)
 
     def expand(self, batch: int) -> None:
         """Repeat each row for beam search / several returned sequences (generate expands the batch
@@ -137,6 +141,7 @@ class DecoderSites(SiteHooks):
         self.layers = language_model.layers
         self.capture_layers = {site.layer - 1 for site in llm_sites
                                if FROM_LAYER_BEFORE & set(self.pipeline.signals_at(site))}
+        self.raters_wanted = any(signals.RATER_ATTN in self.pipeline.signals_at(site) for site in llm_sites)
         spans = [(self.pipeline.signals_at(site)[signals.TOKEN_TRANSITION]["from_layer"], site.layer)
                  for site in llm_sites if signals.TOKEN_TRANSITION in self.pipeline.signals_at(site)]
         if spans:
@@ -218,8 +223,12 @@ class DecoderSites(SiteHooks):
                 raise RuntimeError(f"the decoder received {length} positions, but the prefill that was "
                                    f"prepared for it had {state.visual.shape[1]}")
             step = _Step("prefill", state)
+            if self.raters_wanted:
+                ids = None if embeds is not None else (args[0] if args else kwargs["input_ids"])
+                state.raters = choose_raters(embeds if ids is None else self.lm.embed_tokens(ids), state.visual,
+                                             state.attention_mask)
         elif state is not None and length >= state.length and (state.layers or state.decode is not None):
-            step = _Step("recompute", state, layers=_extend_layers(state, length))
+            step = _Step("recompute", state, layers=extend_layers(state, length))
             if state.decode is not None and length > state.length:
                 step.recompute = self.decode.begin_recompute(state.decode, call.parts.get("decoder_generated"),
                                                              length)
@@ -235,6 +244,7 @@ class DecoderSites(SiteHooks):
             step.state.captured.clear()
             step.state.keys.clear()
             step.state.transitions.clear()
+            step.state.raters = None
             if self.decode is not None:
                 state = step.state
                 state.decode = self.decode.start(state.visual, state.units, state.attention_mask, state.layers,
@@ -271,6 +281,8 @@ class DecoderSites(SiteHooks):
         elif step.mode == "recompute":
             if index in step.layers:
                 full, dead, relative = step.layers[index]
+                if index in state.merges:  # the prefill's recycled tokens, merged again from the same positions
+                    hidden = apply_merges(hidden, state.merges[index])
                 hidden = take(hidden, relative)
                 step.current = (full, dead)
             if step.current is not None:
@@ -309,6 +321,8 @@ class DecoderSites(SiteHooks):
 
         # rows with the same visual (and, for text pivots, text) counts and image count are selected together
         with_text = signals.TEXT_TOKENS in wanted
+        merging = any(stage.merging for stage in self.pipeline.stages_at(site))
+        targets = torch.full((batch, length), -1, dtype=torch.long, device=device) if merging else None
         keys = []
         for row in range(batch):
             n_visual = int(visual[row].sum())
@@ -326,6 +340,8 @@ class DecoderSites(SiteHooks):
                 text_positions = positions_of(text[rows_t])
                 tokens.context["text_features"] = take(normed[rows_t], text_positions)
                 tokens.context["text_key_norm"] = computed[signals.KEY_NORM][rows_t].gather(1, text_positions)
+            if merging:  # merges are made of the residual stream, which is what the layers receive
+                tokens.context["hidden"] = take(hidden[rows_t], positions)
             return tokens
 
         # padding is dropped as well: the short rows are refilled with dead slots below
@@ -336,6 +352,11 @@ class DecoderSites(SiteHooks):
             stay[rows_t[:, None], positions_of(visual[rows_t]).gather(1, keep.indices)] = True
             for g, row in enumerate(rows):
                 kept_record[row] = keep.indices[g]
+            if keep.assign is not None:
+                targets[rows_t] = merge_targets(length, positions_of(visual[rows_t]), keep)
+        if targets is not None and bool((targets >= 0).any()):
+            hidden = apply_merges(hidden, targets)
+            call.merges[site.layer] = targets
 
         # rows may keep different counts: fill the short ones with dead slots to stay rectangular. The
         # dead slots go on the batch's padding side, so each row's tokens stay together, in order: the
@@ -387,6 +408,9 @@ class DecoderSites(SiteHooks):
         if hasattr(attention, "k_norm"):
             keys = attention.k_norm(keys)
         cos, sin = rotary
+        if signals.RATER_ATTN in wanted:
+            out[signals.RATER_ATTN] = rater_attention(layer, hidden, rotary, attend, call.raters.gather(1, index_k),
+                                                      self.apply_rotary)
         keys = self.apply_rotary(keys, keys, cos, sin)[1]
         if signals.KEY_NORM in wanted or signals.TEXT_TOKENS in wanted:
             out[signals.KEY_NORM] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)
@@ -414,19 +438,3 @@ class DecoderSites(SiteHooks):
         counts = stats.llm_layer_tokens or [before] * len(self.layers)
         stats.llm_layer_tokens = counts[: site.layer] + [after] * (len(self.layers) - site.layer)
 
-
-def _extend_layers(state: DecoderCall, length: int) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
-    """For a no-cache pass over ``length`` positions (the prefill's plus the generated ones): each site's
-    kept positions followed by every generated position, as the cached steps see them."""
-    extra = length - state.length
-    out = {}
-    before = state.length  # length of the sequence entering the current site
-    for layer, full, dead, relative in state.layers:
-        batch = full.shape[0]
-        generated = torch.arange(extra, device=full.device).expand(batch, extra)
-        full_ext = torch.cat([full, generated + state.length], dim=1)
-        relative_ext = torch.cat([relative, generated + before], dim=1)
-        dead_ext = None if dead is None else torch.cat([dead, torch.zeros_like(generated, dtype=torch.bool)], 1)
-        out[layer] = (full_ext, dead_ext, relative_ext)
-        before = full.shape[1]
-    return out

@@ -139,3 +139,20 @@ def text_after_visual(text: Tensor, visual: Tensor) -> Tensor:
     positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
     last = positions.masked_fill(~visual, -1).max(dim=1, keepdim=True).values
     return text & (positions > last) & (last >= 0)
+
+
+def extend_layers(state: Any, length: int) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
+    """For a no-cache pass over ``length`` positions (the prefill's plus the generated ones): each site's
+    kept positions followed by every generated position, as the cached steps see them."""
+    extra = length - state.length
+    out = {}
+    before = state.length  # length of the sequence entering the current site
+    for layer, full, dead, relative in state.layers:
+        batch = full.shape[0]
+        generated = torch.arange(extra, device=full.device).expand(batch, extra)
+        full_ext = torch.cat([full, generated + state.length], dim=1)
+        relative_ext = torch.cat([relative, generated + before], dim=1)
+        dead_ext = None if dead is None else torch.cat([dead, torch.zeros_like(generated, dtype=torch.bool)], 1)
+        out[layer] = (full_ext, dead_ext, relative_ext)
+        before = full.shape[1]
+    return out

@@ -92,7 +92,11 @@ def instruction_attention(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tens
     order = torch.sort((~instruction).long(), dim=1, stable=True).indices[:, :width]
     weight = (torch.arange(width, device=hidden.device)[None] < counts[:, None]).float()
     queries = attention.q_proj(normed.gather(1, order[..., None].expand(-1, -1, normed.shape[-1])))
-    queries = queries.view(batch, width, -1, attention.head_dim).transpose(1, 2)
+    queries = queries.view(batch, width, -1, attention.head_dim)
+    heads = getattr(getattr(attention, "config", None), "num_attention_heads", queries.shape[2])
+    if queries.shape[2] == 2 * heads:  # gated attention (Qwen3.5): per head, the query, then its output gate
+        queries = queries.view(batch, width, heads, 2, attention.head_dim)[:, :, :, 0]
+    queries = queries.transpose(1, 2)
     keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     if hasattr(attention, "q_norm"):
         queries, keys = attention.q_norm(queries), attention.k_norm(keys)

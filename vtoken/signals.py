@@ -24,6 +24,9 @@ TEXT_TOKENS = "text_tokens"
 TOKEN_TRANSITION = "token_transition"
 #: attention of the text after the image (the instruction) to every position, with layer K's own q/k
 INSTRUCTION_ATTN = "instruction_attn"
+#: SparseVLM: attention of the raters (prompt text after the image most similar to the visual tokens at the
+#: decoder input) to every position at the layer before an llm(K) site, mean over heads and raters
+RATER_ATTN = "rater_attn"
 #: at a decode step: the new token's attention to each cached visual entry, mean over heads (and layers)
 DECODE_ATTN = "decode_attn"
 #: attention each patch receives in chosen encoder layers, mean over heads and queries, one column per layer
@@ -39,13 +42,14 @@ DESCRIPTIONS = {
     TEXT_TOKENS: "text tokens after the image",
     TOKEN_TRANSITION: "token transition variation in the layers before K",
     INSTRUCTION_ATTN: "the instruction's attention at layer K",
+    RATER_ATTN: "the visual-relevant text raters' attention at layer K-1",
     DECODE_ATTN: "the new token's attention to the cached visual entries",
     ENCODER_ATTN: "attention received in encoder layers",
     PROMPT_TEXT: "embeddings of the prompt text after the image",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})
-LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS, TOKEN_TRANSITION, INSTRUCTION_ATTN})
+LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS, TOKEN_TRANSITION, INSTRUCTION_ATTN, RATER_ATTN})
 DECODE = frozenset({DECODE_ATTN})
 
 
