@@ -402,6 +402,12 @@ def llm_pyramid() -> SiteStage:
     return SiteStage("pyramid", "fastv@llm(2)+dart@llm(3)", options, dict(keep=1.0, fastv={"keep": 1.0}))
 
 
+def vscan() -> SiteStage:
+    """The named pipeline ``vscan``: the scan keeps 3 x keep at the projector, FastV keep at llm(2)."""
+    at = {"fastv": {"site": "llm(2)"}}
+    return SiteStage("vscan", "vscan", dict(keep=3, window=2, **at), dict(keep=1.0, window=2, **at))
+
+
 def decode_site() -> SiteStage:
     """decode_topk after every decoding step, one visual entry per image left after the first choice."""
     return SiteStage("decode", "decode_topk", dict(keep=1, site="decode"), dict(keep=1.0, site="decode"))
@@ -457,7 +463,8 @@ CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
          [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), llm_transprune(),
           llm("sparsevlm", 8),
-          vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0))],
+          vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0)),
+          vscan()],
          lm_head),
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
          [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)), llm("dart", 10),

@@ -6,8 +6,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .pipeline import Pipeline, stages_from_names
-from .registry import INTEGRATIONS, list_models, load_builtin_integrations
+from .pipeline import Pipeline, build_named, stages_from_names
+from .registry import INTEGRATIONS, PIPELINES, list_models, load_builtin_integrations
 from .stages.base import Stage
 from .stats import Stats
 
@@ -106,6 +106,8 @@ def build_pipeline(method: "str | Stage | Pipeline", keep: int | float | None, o
         return Pipeline([method], keep).copy()
     if not isinstance(method, str) or not method.strip():
         raise TypeError(f"method must be a registered name, 'a+b', 'name@site', a Stage or a Pipeline; got {method!r}")
+    if method.strip() in PIPELINES:  # a named pipeline: its stages, keep split by its factors
+        return build_named(method.strip(), keep, options, build_pipeline)
     parts = [split_site(part, method) for part in method.split("+")]
     names = [name for name, _ in parts]
     classes = stages_from_names(names)

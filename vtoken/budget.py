@@ -38,6 +38,25 @@ def resolve_keep(keep: int | float, num_tokens: int, units: int = 1, where: str 
     return total
 
 
+def scaled_budgets(keep: int | float, factors: tuple[float, ...]) -> list[int | float]:
+    """Budgets of stages in sequence, each ``factors[i]`` times ``keep`` (the count after the last stage).
+
+    An int keep gives ints: ``round(keep * factor)`` tokens per image at each stage. A fraction f gives the
+    first stage ``min(1, f * factor)`` of the tokens and each later one its share of what reaches it, so
+    the last keeps about f of the original tokens (each site rounds its own count).
+    """
+    validate_keep(keep)
+    if isinstance(keep, int):
+        return [max(1, round(keep * factor)) for factor in factors]
+    budgets: list[int | float] = []
+    reaching = 1.0
+    for factor in factors:
+        share = min(1.0, keep * factor)
+        budgets.append(min(1.0, share / reaching))
+        reaching = share
+    return budgets
+
+
 def parse_budget(value: Any) -> int | float:
     """A budget as ``vtoken.wrap`` takes it, from a number or from text (a command line, a form field):
     ``"64"`` is 64 tokens per image, ``"0.25"`` (or ``"1.0"``) a fraction of the tokens. Raises

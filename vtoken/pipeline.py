@@ -10,15 +10,18 @@ importance and the rest by diversity among the remaining tokens, with no special
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .budget import resolve_keep, validate_keep
+from .budget import resolve_keep, scaled_budgets, validate_keep
 from .sites import Site
 from .stages.base import Stage
 from .stats import StageRecord, Stats, clock
 from .tokens import Keep, TokenSet
+
+#: the attribute a named pipeline sets on a stage whose site layer is a share of the model's depth
+DEPTH_SHARE = "_vtoken_depth_share"
 
 
 class Pipeline:
@@ -70,11 +73,15 @@ class Pipeline:
 
     def resolved(self, layer_counts: dict[str, int]) -> "Pipeline":
         """A copy with negative layer indices turned into absolute ones, given the model's layer count
-        per site kind. The stages of this pipeline are left as they are."""
+        per site kind, and a named pipeline's depth shares into layers. The stages here are left as they are."""
         stages = []
         for stage in self.stages:
             stage = copy.copy(stage)
-            if stage.site.layer is not None and stage.site.kind in layer_counts:
+            share = getattr(stage, DEPTH_SHARE, None)
+            if share is not None and stage.site.kind in layer_counts:  # a named pipeline's "middle layer"
+                count = layer_counts[stage.site.kind]
+                stage.site = Site(stage.site.kind, min(max(1, round(share * count)), max(1, count - 1)))
+            elif stage.site.layer is not None and stage.site.kind in layer_counts:
                 stage.site = stage.site.resolved(layer_counts[stage.site.kind])
             stages.append(stage)
         return Pipeline(stages, self.keep)
@@ -268,11 +275,41 @@ def _missing_budget(stage: Stage, site: Site) -> str:
     )
 
 
+def build_named(name: str, keep: int | float | None, options: dict[str, Any],
+                build: Callable[[str, Any, dict[str, Any]], Pipeline]) -> Pipeline:
+    """The registered pipeline ``name`` (``register_pipeline``) with ``keep`` split over its stages by
+    its factors (``scaled_budgets``); ``build`` turns its spec into a Pipeline. A stage's own options
+    (``fastv={"site": "llm(8)", "keep": 20}``) replace the registered site and its share of the budget."""
+    from .registry import PIPELINES
+
+    named = PIPELINES[name]
+    parts, moved = [], []
+    for part in named.spec.split("+"):
+        stage = part.partition("@")[0].strip()
+        own = options.get(stage)
+        moved.append(isinstance(own, dict) and (own.get("site") is not None or own.get("layer") is not None))
+        parts.append(stage if moved[-1] else part)
+    pipeline = build("+".join(parts), None, options)
+    for stage, share, own_site in zip(pipeline.stages, named.depths, moved):
+        if share is not None and not own_site:
+            setattr(stage, DEPTH_SHARE, share)
+    if keep is None:
+        return pipeline
+    budgets = scaled_budgets(keep, named.factors)
+    for stage, budget in zip(pipeline.stages[:-1], budgets):
+        if stage.keep is None:
+            stage.keep = budget
+    return Pipeline(pipeline.stages, budgets[-1])
+
+
 def stages_from_names(names: Iterable[str]) -> list[type[Stage]]:
-    from .registry import STAGES, list_methods
+    from .registry import PIPELINES, STAGES, list_methods
 
     classes = []
     for name in names:
+        if name in PIPELINES:
+            raise ValueError(f"{name!r} is a named pipeline ({PIPELINES[name].spec}); it cannot be joined with "
+                             "other stages: write its stages out instead")
         if not name:
             raise ValueError(f"empty method name in {'+'.join(names)!r}: join registered names with '+', e.g. "
                              f"'cls_attn+kcenter'; registered methods: {', '.join(list_methods())}")
