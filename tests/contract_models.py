@@ -594,6 +594,14 @@ QWEN2_VIDEO_CASES: list[Case] = [
     for case in CASES if case.integration == "qwen2_vl"
 ]
 CASES_BY_NAME.update({case.name: case for case in QWEN2_VIDEO_CASES})
+#: LLaVA-OneVision on clips of 4 frames (3 x 3 pooled tokens each, 36 per clip + its newline), prompt lengths
+#: differ; tests/test_onevision_video.py runs the clauses test_video_stages.py runs on the Qwen clips
+ONEVISION_VIDEO_CASES: list[Case] = [
+    Case("llava_onevision_video", "llava_onevision", "llava_onevision", True, tiny_llava_onevision,
+         [[20, ("video", 4, 81), 30, 31], [21, 22, ("video", 4, 82), 32], [23, ("video", 4, 83), 33, 34, 35]],
+         onevision_inputs, VIDEO_STAGES, lm_head, run=vlm_logits, notes="4-frame video clips")
+]
+CASES_BY_NAME.update({case.name: case for case in ONEVISION_VIDEO_CASES})
 
 
 def case_stages(vlm: bool | None = None) -> list:
