@@ -60,16 +60,18 @@ from .decoder_tensors import (
     positions_of,
     take,
     take_seq,
+    take_tokens,
     text_after_visual,
 )
 from .grouping import run_in_groups
-from .recycling import apply_merges, choose_raters, merge_targets, rater_attention
+from .recycling import apply_merges, choose_raters, dual_text_attention, merge_targets, rater_attention
 from .transitions import TransitionHooks, accumulated, instruction_attention
 
 #: the attribute of a KV cache object that carries the llm(K) state its prefill was built with
 CACHE_ATTRIBUTE = "_vtoken_decoder_calls"
 #: the signals computed from layer K-1's captured input (the others: transitions.py)
-FROM_LAYER_BEFORE = frozenset({signals.LAST_QUERY_ATTN, signals.KEY_NORM, signals.TEXT_TOKENS, signals.RATER_ATTN})
+FROM_LAYER_BEFORE = frozenset({signals.LAST_QUERY_ATTN, signals.KEY_NORM, signals.TEXT_TOKENS, signals.RATER_ATTN,
+                               signals.TEXT_ATTN_DUAL})
 
 
 @dataclass
@@ -334,7 +336,7 @@ class DecoderSites(SiteHooks):
             positions = positions_of(visual[rows_t])
             tokens = TokenSet.from_features(
                 take(normed[rows_t], positions), units=max(int(call.units[rows[0]]), 1),
-                signals={name: value[rows_t].gather(1, positions) for name, value in computed.items()},
+                signals={name: take_tokens(value[rows_t], positions) for name, value in computed.items()},
             )
             if with_text:
                 text_positions = positions_of(text[rows_t])
@@ -411,6 +413,8 @@ class DecoderSites(SiteHooks):
         if signals.RATER_ATTN in wanted:
             out[signals.RATER_ATTN] = rater_attention(layer, hidden, rotary, attend, call.raters.gather(1, index_k),
                                                       self.apply_rotary)
+        if signals.TEXT_ATTN_DUAL in wanted:
+            out[signals.TEXT_ATTN_DUAL] = dual_text_attention(layer, hidden, rotary, attend, text_k, self.apply_rotary)
         keys = self.apply_rotary(keys, keys, cos, sin)[1]
         if signals.KEY_NORM in wanted or signals.TEXT_TOKENS in wanted:
             out[signals.KEY_NORM] = keys.transpose(1, 2).reshape(batch, length, -1).float().abs().sum(-1)

@@ -90,6 +90,11 @@ def take(values: Tensor, positions: Tensor) -> Tensor:
     return values.gather(1, positions[..., None].expand(-1, -1, values.shape[-1]))
 
 
+def take_tokens(values: Tensor, positions: Tensor) -> Tensor:
+    """``values[b, positions[b]]`` for ``[B, L]`` or ``[B, L, C]`` values (per-position signals)."""
+    return take(values, positions) if values.dim() == 3 else values.gather(1, positions)
+
+
 def take_seq(table: Tensor, index: Tensor) -> Tensor:
     """Gather a rotary table ``[..., B or 1, L, d]`` at ``[B, L']`` positions along the sequence dim."""
     batch = index.shape[0]

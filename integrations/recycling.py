@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .decoder_tensors import text_after_visual
-from .transitions import instruction_attention
+from .transitions import instruction_attention, query_attention_rows
 
 
 def choose_raters(embeds: Tensor, visual: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -45,6 +45,16 @@ def rater_attention(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor], a
     """``[B, L]``: the ``raters``' attention at ``layer`` (input ``hidden``, present positions), mean over
     heads and raters; rows without raters get zeros."""
     return instruction_attention(layer, hidden, rotary, attend, raters & attend, apply_rotary)
+
+
+def dual_text_attention(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor], attend: Tensor, text: Tensor,
+                        apply_rotary: Callable) -> Tensor:
+    """MustDrop's ``text_attn_dual`` ``[B, L, 2]``: the attention of the ``text`` positions at ``layer`` to every
+    position, mean over heads, summed over the text (column 0) and its maximum over the text (column 1)."""
+    rows, weight = query_attention_rows(layer, hidden, rotary, attend, text & attend, apply_rotary)
+    total = (rows * weight[..., None]).sum(1)
+    peak = rows.masked_fill(weight[..., None] == 0, 0.0).amax(1)  # attention is >= 0: padding rows add nothing
+    return torch.stack([total, peak], dim=-1)
 
 
 def merge_targets(length: int, visual_positions: Tensor, keep: Any) -> Tensor:

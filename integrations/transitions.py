@@ -83,6 +83,15 @@ def instruction_attention(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tens
                           instruction: Tensor, apply_rotary: Callable) -> Tensor:
     """``[B, L]``: mean over the ``instruction`` positions ``[B, L]`` (and heads) of their attention at
     ``layer`` to every position, from the layer's input ``hidden``; ``attend`` ``[B, L]`` the keys allowed."""
+    rows, weight = query_attention_rows(layer, hidden, rotary, attend, instruction, apply_rotary)
+    return (rows * weight[..., None]).sum(1) / weight.sum(1).clamp_min(1)[:, None]
+
+
+def query_attention_rows(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor], attend: Tensor,
+                         queries_at: Tensor, apply_rotary: Callable) -> tuple[Tensor, Tensor]:
+    """The causal attention rows ``[B, W, L]`` (mean over heads) of the positions ``queries_at`` ``[B, L]``
+    at ``layer``, each row's queries first, padded to the longest with weight 0 (``[B, W]``)."""
+    instruction = queries_at
     attention = layer.self_attn
     batch, length, _ = hidden.shape
     normed = layer.input_layernorm(hidden)
@@ -104,4 +113,4 @@ def instruction_attention(layer: Any, hidden: Tensor, rotary: tuple[Tensor, Tens
     queries = apply_rotary(queries, queries, take_seq(cos, order), take_seq(sin, order))[0]
     keys = apply_rotary(keys, keys, cos, sin)[1]
     rows = kernels.attention_rows(queries, keys, scale=attention.scaling, key_mask=attend, causal_limit=order)
-    return (rows * weight[..., None]).sum(1) / counts.clamp_min(1)[:, None].float()
+    return rows, weight

@@ -462,7 +462,7 @@ QWEN3_5_NOTES = "hybrid decoder: llm(K) after the first full-attention layer; si
 CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
          [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), llm_transprune(),
-          llm("sparsevlm", 8),
+          llm("sparsevlm", 8), llm("mustdrop_filter", 8),
           vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0)),
           vscan()],
          lm_head),

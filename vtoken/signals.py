@@ -27,6 +27,9 @@ INSTRUCTION_ATTN = "instruction_attn"
 #: SparseVLM: attention of the raters (prompt text after the image most similar to the visual tokens at the
 #: decoder input) to every position at the layer before an llm(K) site, mean over heads and raters
 RATER_ATTN = "rater_attn"
+#: MustDrop: ``[B, L, 2]``, the attention of the text after the image to every position at the layer before an
+#: llm(K) site, mean over heads; column 0 summed over the text tokens (global), column 1 their maximum
+TEXT_ATTN_DUAL = "text_attn_dual"
 #: at a decode step: the new token's attention to each cached visual entry, mean over heads (and layers)
 DECODE_ATTN = "decode_attn"
 #: attention each patch receives in chosen encoder layers, mean over heads and queries, one column per layer
@@ -43,13 +46,15 @@ DESCRIPTIONS = {
     TOKEN_TRANSITION: "token transition variation in the layers before K",
     INSTRUCTION_ATTN: "the instruction's attention at layer K",
     RATER_ATTN: "the visual-relevant text raters' attention at layer K-1",
+    TEXT_ATTN_DUAL: "the text's summed and maximum attention at layer K-1",
     DECODE_ATTN: "the new token's attention to the cached visual entries",
     ENCODER_ATTN: "attention received in encoder layers",
     PROMPT_TEXT: "embeddings of the prompt text after the image",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})
-LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS, TOKEN_TRANSITION, INSTRUCTION_ATTN, RATER_ATTN})
+LLM = frozenset({LAST_QUERY_ATTN, KEY_NORM, TEXT_TOKENS, TOKEN_TRANSITION, INSTRUCTION_ATTN, RATER_ATTN,
+                 TEXT_ATTN_DUAL})
 DECODE = frozenset({DECODE_ATTN})
 
 

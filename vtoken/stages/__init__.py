@@ -11,6 +11,7 @@ from .fastv import FastV
 from .hiprune import HiPrune
 from .holitom import HoliTom
 from .kcenter import KCenter
+from .mustdrop import MustDropFilter
 from .pixel_shuffle import PixelShuffle
 from .pool import Pool
 from .random import RandomKeep
@@ -21,5 +22,5 @@ from .visionzip import VisionZip
 from .vscan import VScanScan
 
 __all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "DyCokeKV", "FastV", "HiPrune", "HoliTom",
-           "KCenter", "PixelShuffle", "Pool", "RandomKeep", "RepShift", "SparseVLM", "TransPrune", "VisionZip",
-           "VScanScan"]
+           "KCenter", "MustDropFilter", "PixelShuffle", "Pool", "RandomKeep", "RepShift", "SparseVLM", "TransPrune",
+           "VisionZip", "VScanScan"]
