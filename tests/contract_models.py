@@ -463,6 +463,7 @@ CASES: list[Case] = [
     Case("llava", "llava", "llava", True, contract_llava, LLAVA_ROWS, llava_inputs,
          [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), llm_transprune(),
           llm("sparsevlm", 8), llm("mustdrop_filter", 8),
+          SiteStage("projector", "mustdrop_merge", dict(keep=8), dict(keep=1.0)),
           vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0)),
           vscan()],
          lm_head),

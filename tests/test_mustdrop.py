@@ -136,3 +136,77 @@ def test_wrap_refuses_a_threshold_that_is_not_positive(model):
     with pytest.raises(ValueError, match="individual_thr must be > 0"):
         vtoken.wrap(model, "mustdrop_filter@llm(2)", keep=8, individual_thr=0)
     assert not hasattr(model, "vtoken")
+
+
+# --- the vision stage: window merge at the projector ------------------------------------------------------
+
+def slow_window_merge(x, h, w, size, k):
+    """Loops over the windows: mean pairwise cosine, most similar first, whole windows while they fit, then
+    the next window's tokens most similar to the rest of it. Returns groups (sorted by their last token)."""
+    def cos(a, b):
+        return float(torch.dot(x[a].double(), x[b].double()) / (x[a].double().norm() * x[b].double().norm()))
+
+    windows = []
+    for top in range(0, h, size):
+        for left in range(0, w, size):
+            rows, cols = range(top, min(top + size, h)), range(left, min(left + size, w))
+            windows.append([r * w + c for r in rows for c in cols])
+
+    def similarity(members):
+        pairs = [(a, b) for a in members for b in members if a != b]
+        return sum(cos(a, b) for a, b in pairs) / len(pairs) if pairs else float("-inf")
+
+    order = sorted(range(len(windows)), key=lambda i: (-similarity(windows[i]), i))
+    reduce, groups, used = h * w - k, [], set()
+    for i in order:
+        members = windows[i]
+        if reduce == 0 or len(members) < 2:
+            continue
+        if len(members) - 1 > reduce:
+            close = {p: sum(cos(p, q) for q in members if q != p) / (len(members) - 1) for p in members}
+            members = sorted(sorted(members, key=lambda p: (-close[p], members.index(p)))[: reduce + 1])
+        groups.append(members)
+        used.update(members)
+        reduce -= len(members) - 1
+    groups += [[p] for p in range(h * w) if p not in used]
+    return sorted(groups, key=lambda g: g[-1])
+
+
+@pytest.mark.parametrize("grid,k", [((6, 6), 20), ((6, 6), 31), ((7, 5), 12), ((6, 6), 36)])
+def test_window_merge_equals_the_slow_reference(grid, k):
+    from vtoken.stages import MustDropMerge
+    from vtoken.tokens import TokenSet
+
+    h, w = grid
+    generator = torch.Generator().manual_seed(h * 10 + k)
+    base = torch.randn(2, h * w, 8, generator=generator)
+    base[:, : w * 3] += 3 * torch.randn(2, 1, 8, generator=generator)  # similar rows on top: windows to merge
+    tokens = TokenSet.from_features(base, grid=grid)
+    keep = MustDropMerge(keep=k).select(tokens, k)
+    for row in range(2):
+        groups = slow_window_merge(base[row], h, w, 3, k)
+        assert keep.indices[row].tolist() == [g[-1] for g in groups]
+        assert keep.assign[row].tolist() == [next(s for s, g in enumerate(groups) if p in g) for p in range(h * w)]
+        expected = torch.stack([base[row, g].mean(0) for g in groups])
+        torch.testing.assert_close(keep.features[row], expected, atol=1e-6, rtol=0)
+
+
+def test_window_merge_refuses_fewer_tokens_than_windows():
+    from vtoken.stages import MustDropMerge
+    from vtoken.tokens import TokenSet
+
+    tokens = TokenSet.from_features(torch.randn(1, 36, 4), grid=(6, 6))
+    with pytest.raises(ValueError, match="keeps at least 4 tokens"):
+        MustDropMerge(keep=3).select(tokens, 3)
+
+
+def test_merge_then_filter_run_as_the_named_stages_together():
+    """The two built stages of MustDrop in one pipeline on LLaVA: cached generate equals recomputation."""
+    model = tiny_llava("sdpa", seed=8)
+    batch = llava_batch(PROMPTS[:2], seed=4)
+    pipeline = vtoken.Pipeline([vtoken.stages.MustDropMerge(keep=80), MustDropFilter(site="llm(2)", keep=30)])
+    with vtoken.wrapped(model, pipeline):
+        cached = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        recomputed = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False)
+        assert [r.tokens_out for r in model.vtoken.stats.records] == [80, 30]
+    assert torch.equal(cached, recomputed)

@@ -1,0 +1,102 @@
+"""MustDrop's vision stage: spatially adjacent, similar tokens merged window by window.
+
+Paper: "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model" (Liu et al.,
+2024; authors' code github.com/liuting20/MustDrop). Followed: the grid is cut into ``window`` x ``window``
+windows (the code: 3 x 3 on CLIP's 24 x 24 grid); a window's similarity is the mean cosine similarity of
+its tokens' pairs (self-pairs left out); the most similar windows are merged, each into one token, the
+mean of its tokens (weighted by the patches each token already stands for, as the code's size-weighted
+average), which takes the sequence position of the window's last token (the code's merge destination).
+
+Where vtoken differs, and why:
+- Where: at the projector, on the projected features; the code merges after the first CLIP layer, inside
+  the tower (vtoken's ``vision(L)`` sites do not run merging stages here).
+- Count: the code merges every window whose similarity is >= 0.8, an input-dependent count; vtoken meets
+  the budget exactly: windows merge most similar first while whole windows fit the reduction still
+  needed, and the next window merges only as many of its tokens as the remainder asks (those most similar
+  to the rest of the window). Fewer tokens than windows cannot be reached and are refused.
+- Grids not divisible by ``window`` keep their smaller edge windows (the code asserts divisibility).
+- The key-token set (top 8 % by [CLS] attention in the last encoder layer, protected from later stages)
+  is not built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..registry import register_stage
+from ..tokens import NO_GRID, Keep, TokenSet
+from .base import Stage
+
+
+def windows_of(h: int, w: int, size: int) -> list[list[int]]:
+    """Row-major positions of each ``size`` x ``size`` window of an h x w grid, windows in row-major order."""
+    return [[r * w + c for r in range(top, min(top + size, h)) for c in range(left, min(left + size, w))]
+            for top in range(0, h, size) for left in range(0, w, size)]
+
+
+def merge_groups(x: Tensor, windows: list[list[int]], reduce: int) -> list[list[int]]:
+    """Groups of token positions (each a merged token, singletons kept) that remove exactly ``reduce``."""
+    unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    sims = []
+    for members in windows:
+        m = len(members)
+        pair = unit[members] @ unit[members].T
+        sims.append(float((pair.sum() - pair.diagonal().sum()) / (m * (m - 1))) if m > 1 else float("-inf"))
+    order = sorted(range(len(windows)), key=lambda i: (-sims[i], i))
+    merged: dict[int, list[int]] = {}
+    for i in order:
+        if reduce == 0:
+            break
+        members = windows[i]
+        if len(members) < 2:
+            continue
+        if len(members) - 1 > reduce:  # a partial window: the tokens most similar to the rest of it
+            pair = unit[members] @ unit[members].T
+            closeness = (pair.sum(-1) - pair.diagonal()) / (len(members) - 1)
+            ranked = torch.sort(closeness, descending=True, stable=True).indices[: reduce + 1]
+            members = sorted(members[j] for j in ranked.tolist())
+        merged[members[-1]] = members
+        reduce -= len(members) - 1
+    taken = {p for members in merged.values() for p in members}
+    groups = [[p] for p in range(x.shape[0]) if p not in taken] + list(merged.values())
+    return sorted(groups, key=lambda members: members[-1])
+
+
+@register_stage("mustdrop_merge")
+@dataclass
+class MustDropMerge(Stage):
+    window: int = field(default=3, metadata={"help": "side of the square windows whose tokens merge (authors' 3)"})
+
+    site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
+    merging: ClassVar[bool] = True
+    needs_grid: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 2:
+            raise ValueError(f"mustdrop_merge.window must be >= 2; got {self.window!r}")
+
+    def select(self, tokens: TokenSet, k: int) -> Keep:
+        if tokens.grid is None:
+            raise ValueError(NO_GRID.format(stage="mustdrop_merge"))
+        h, w = tokens.grid
+        windows = windows_of(h, w, self.window)
+        if k < len(windows):
+            raise ValueError(f"mustdrop_merge merges within {self.window}x{self.window} windows, so a {h}x{w} grid "
+                             f"keeps at least {len(windows)} tokens; got a budget of {k}")
+        batch, n, dim = tokens.features.shape
+        weights = tokens.token_weights().to(tokens.features.dtype)
+        indices = torch.empty(batch, k, dtype=torch.long, device=tokens.features.device)
+        assign = torch.empty(batch, n, dtype=torch.long, device=tokens.features.device)
+        for row in range(batch):
+            for slot, members in enumerate(merge_groups(tokens.features[row], windows, n - k)):
+                indices[row, slot] = members[-1]
+                assign[row, members] = slot
+        summed = torch.zeros(batch, k, dim, dtype=tokens.features.dtype, device=tokens.features.device)
+        summed.scatter_add_(1, assign[..., None].expand(-1, -1, dim), tokens.features * weights[..., None])
+        mass = torch.zeros(batch, k, dtype=weights.dtype, device=weights.device).scatter_add_(1, assign, weights)
+        return Keep(indices=indices, features=summed / mass[..., None], assign=assign)
