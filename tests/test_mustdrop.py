@@ -210,3 +210,79 @@ def test_merge_then_filter_run_as_the_named_stages_together():
         recomputed = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False)
         assert [r.tokens_out for r in model.vtoken.stats.records] == [80, 30]
     assert torch.equal(cached, recomputed)
+
+
+# --- the decode stage: caches cut to the final kept set -----------------------------------------------------
+
+def slow_generate(model, batch, prompt, plan: dict[int, int], steps: int):
+    """Greedy decoding without a cache, by hand: the prefill's choices (from slow_mustdrop) applied to the
+    longer sequence; from the second generated query on (after the first cached step's cut), every layer's
+    generated queries see only the visual tokens the last site kept."""
+    lm = model.model.language_model
+    _, kept = slow_mustdrop(model, batch, prompt, plan)
+    visual_at = [p for p, token in enumerate(prompt) if token == IMAGE_TOKEN]
+    chosen, survivors = {}, visual_at
+    for site in sorted(plan):
+        survivors = [survivors[j] for j in kept[site]]
+        chosen[site] = set(survivors)
+    final = set(survivors)
+    embeds = decoder_inputs(model, batch)
+    table = model.get_input_embeddings()
+    length, tokens = len(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            hidden = embeds
+            positions = torch.arange(hidden.shape[1])
+            for index, layer in enumerate(lm.layers):
+                if index in chosen:
+                    stay = torch.tensor([p not in visual_at or p in chosen[index] for p in positions.tolist()])
+                    hidden, positions = hidden[:, stay], positions[stay]
+                n = hidden.shape[1]
+                mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)
+                for q, p in enumerate(positions.tolist()):
+                    if p >= length + 1:  # generated after the first decoding step's cut
+                        for c, key in enumerate(positions.tolist()):
+                            if key in visual_at and key not in final:
+                                mask[q, c] = torch.finfo(hidden.dtype).min
+                cos, sin = lm.rotary_emb(hidden, positions[None])
+                hidden = layer(hidden, attention_mask=mask[None, None], position_ids=positions[None],
+                               position_embeddings=(cos, sin))
+            token = int(model.lm_head(lm.norm(hidden))[0, -1].argmax())
+            tokens.append(token)
+            embeds = torch.cat([embeds, table(torch.tensor([[token]]))], dim=1)
+    return tokens, len(final)
+
+
+def test_cache_cut_equals_the_slow_reference_and_frees_the_entries():
+    from vtoken.stages import MustDropCache
+
+    model = tiny_llava("eager", seed=21, text_layers=5)
+    prompt = PROMPTS[0]
+    batch = llava_batch([prompt], seed=4)
+    plan = {1: 60, 3: 20}
+    expected, final = slow_generate(model, batch, prompt, plan, steps=5)
+    pipeline = vtoken.Pipeline([MustDropFilter(site=f"llm({k})", keep=keep) for k, keep in plan.items()]
+                               + [MustDropCache()])
+    with vtoken.wrapped(model, pipeline):
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+        recomputed = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert out.sequences[0, -5:].tolist() == expected
+    assert torch.equal(out.sequences, recomputed)
+    # every layer holds the text, the final visual set and the generated tokens: the others are freed
+    text = len(prompt) - sum(token == IMAGE_TOKEN for token in prompt)
+    lengths = {layer.keys.shape[-2] for layer in out.past_key_values.layers}
+    assert lengths == {text + final + 4}, lengths
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(num_beams=2, num_return_sequences=2)])
+def test_cache_cut_with_beams_equals_recomputation(options):
+    from vtoken.stages import MustDropCache
+
+    model = tiny_llava("sdpa", seed=22)
+    batch = llava_batch(PROMPTS[:2], seed=4)
+    pipeline = vtoken.Pipeline([MustDropFilter(site="llm(1)", keep=50), MustDropFilter(site="llm(3)", keep=12),
+                                MustDropCache()])
+    with vtoken.wrapped(model, pipeline):
+        cached = model.generate(**batch, max_new_tokens=5, do_sample=False, **options)
+        recomputed = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False, **options)
+    assert torch.equal(cached, recomputed)

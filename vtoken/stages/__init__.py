@@ -12,6 +12,7 @@ from .hiprune import HiPrune
 from .holitom import HoliTom
 from .kcenter import KCenter
 from .mustdrop import MustDropFilter
+from .mustdrop_cache import MustDropCache
 from .mustdrop_merge import MustDropMerge
 from .pixel_shuffle import PixelShuffle
 from .pool import Pool
@@ -23,5 +24,5 @@ from .visionzip import VisionZip
 from .vscan import VScanScan
 
 __all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "DyCokeKV", "FastV", "HiPrune", "HoliTom",
-           "KCenter", "MustDropFilter", "MustDropMerge", "PixelShuffle", "Pool", "RandomKeep", "RepShift",
-           "SparseVLM", "TransPrune", "VisionZip", "VScanScan"]
+           "KCenter", "MustDropCache", "MustDropFilter", "MustDropMerge", "PixelShuffle", "Pool", "RandomKeep",
+           "RepShift", "SparseVLM", "TransPrune", "VisionZip", "VScanScan"]
