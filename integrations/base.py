@@ -167,6 +167,11 @@ class Integration:
                     f"{names} at {site} need(s) the signal(s) {signals.describe(missing)}, which {self.family} "
                     f"does not provide there; {site} provides: {signals.describe(offered) or 'no signals'}"
                 )
+            self.check_signal_options(site, self.pipeline.signals_at(site))
+
+    def check_signal_options(self, site: Site, wanted: dict[str, dict]) -> None:
+        """Refuse at ``wrap`` signal parameters this model cannot honour (e.g. a ``cls_attn`` layer its
+        tower does not have), rather than on the first call; by default there is nothing to check."""
 
     def describe_sites(self) -> str:
         parts = []

@@ -35,11 +35,13 @@ from torch import Tensor
 from vtoken import kernels, signals
 from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
+from vtoken.sites import Site
 from vtoken.stats import clock
 
 from .base import capture_in_this_thread
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
 from .llava_next import split_budget
+from .projector_signals import hidden_state_blocks
 
 TILE_BUDGETS = ("global", "tile", "guided")
 _NO_VISION_SITE = ("the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of "
@@ -160,20 +162,16 @@ class InternVLIntegration(HFVisionLanguage):
         shuffled = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
         return shuffled.reshape(tiles, -1, shuffled.shape[-1]).mean(-1)
 
+    def check_signal_options(self, site: Site, wanted: dict[str, dict]) -> None:
+        if site.kind == "projector":  # the [CLS] layers exist (the same check the call makes)
+            self._cls_layers(wanted, self.model.config.vision_feature_layer)
+
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int) -> list[int]:
         """Encoder blocks whose [CLS] row is needed (hidden state h comes out of block h-1)."""
         if "cls_attn" not in signals:
             return []
         requested = signals["cls_attn"].get("layers") or [feature_layer]
-        count = len(self.vision_layers())
-        indices = []
-        for hidden in requested:
-            absolute = hidden if hidden >= 0 else count + 1 + hidden
-            if not 1 <= absolute <= count:
-                raise ValueError(f"cls_attn layer {hidden} is not a vision hidden state with an attention block; "
-                                 f"accepted: 1..{count} or -{count}..-1 (as vision_feature_layer counts)")
-            indices.append(absolute - 1)
-        return indices
+        return hidden_state_blocks(requested, len(self.vision_layers()))
 
     def _cls_row(self, block: torch.nn.Module, hidden: Tensor) -> Tensor:
         """[CLS] attention over all tokens in an InternViT block, mean over heads: ``[tiles, 1 + N]``."""

@@ -24,11 +24,12 @@ from torch import Tensor
 from vtoken import kernels, signals
 from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
+from vtoken.sites import Site
 from vtoken.stats import clock
 
 from .base import capture_in_this_thread
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
-from .projector_signals import clip_received_attention, encoder_attn_blocks
+from .projector_signals import clip_received_attention, encoder_attn_blocks, hidden_state_blocks
 from .vit_sites import EncoderLayout
 
 
@@ -155,6 +156,10 @@ class LlavaIntegration(HFVisionLanguage):
         deep = self._cls_layers({"cls_attn": {}}, feature_layer)[0]
         return encoder_attn_blocks(signals["encoder_attn"], len(self.vision_layers()), 9 / 24, deep, self.family)
 
+    def check_signal_options(self, site: Site, wanted: dict[str, dict]) -> None:
+        if site.kind == "projector":  # the [CLS] layers exist (the same check the call makes)
+            self._cls_layers(wanted, self.model.config.vision_feature_layer)
+
     def _cls_layers(self, signals: dict[str, dict], feature_layer: int | list[int]) -> list[int]:
         """Encoder layer indices whose [CLS] attention is needed (hidden state h comes out of layer h-1)."""
         if "cls_attn" not in signals:
@@ -162,17 +167,7 @@ class LlavaIntegration(HFVisionLanguage):
         requested = signals["cls_attn"].get("layers")
         if requested is None:
             requested = [feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer]
-        count = len(self.vision_layers())
-        indices = []
-        for hidden in requested:
-            absolute = hidden if hidden >= 0 else count + 1 + hidden
-            if not 1 <= absolute <= count:
-                raise ValueError(
-                    f"cls_attn layer {hidden} is not a vision hidden state with an attention layer; accepted: "
-                    f"1..{count} or -{count}..-1 (as vision_feature_layer counts)"
-                )
-            indices.append(absolute - 1)
-        return indices
+        return hidden_state_blocks(requested, len(self.vision_layers()))
 
     def _cls_row(self, layer: torch.nn.Module, hidden: Tensor) -> Tensor:
         """[CLS] attention over all tokens in a CLIP encoder layer, mean over heads: ``[B, N]``."""

@@ -68,3 +68,17 @@ def clip_received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
     q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     return kernels.attention_received(q, k, scale=attention.scale)  # no [T, T] map: blockwise column sums
+
+
+def hidden_state_blocks(requested: list[int], count: int) -> list[int]:
+    """The encoder blocks that produce the hidden states ``requested`` (numbered as ``vision_feature_layer``
+    counts them: hidden state h, or -h from the end, comes out of block h-1), for a tower of ``count``
+    blocks; a number that names no block's output is refused with the accepted range."""
+    blocks = []
+    for hidden in requested:
+        absolute = hidden if hidden >= 0 else count + 1 + hidden
+        if not 1 <= absolute <= count:
+            raise ValueError(f"cls_attn layer {hidden} is not a vision hidden state with an attention block; "
+                             f"accepted: 1..{count} or -{count}..-1 (as vision_feature_layer counts)")
+        blocks.append(absolute - 1)
+    return blocks

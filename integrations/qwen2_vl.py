@@ -179,6 +179,10 @@ class Qwen2VLIntegration(HFVisionLanguage):
         pruned = self.encoder_sites.image_results()
         return list(torch.split(output.pooler_output, [index.numel() for index, _ in pruned])), pruned
 
+    def check_signal_options(self, site: Site, wanted: dict[str, dict]) -> None:
+        if site.kind == "projector":  # the scored block exists (the same check the call makes)
+            self._score_block(wanted)
+
     def _score_block(self, signals: dict[str, dict]) -> int | None:
         """The vision block whose attention scores ``cls_attn`` (None when no stage needs it)."""
         if "cls_attn" not in signals:

@@ -192,3 +192,11 @@ def test_a_budget_above_the_images_tokens_is_refused_at_wrap():
         assert not hasattr(model, "vtoken")
     # after a merging vision(L) site the count is the merged one: only the first site is checked
     vtoken.wrap(model, vtoken.Pipeline([vtoken.PixelShuffle(layer=0), vtoken.KCenter(keep=16)]))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_cls_attn_layer_the_tower_lacks_is_refused_at_wrap(family):
+    model = tiny_llava() if family == "llava" else tiny_qwen("2")
+    with pytest.raises(ValueError, match="cls_attn layer 99 is not a vision"):
+        vtoken.wrap(model, "cls_attn", keep=8, cls_attn={"layers": (99,)})
+    assert not hasattr(model, "vtoken")
