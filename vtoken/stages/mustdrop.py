@@ -15,8 +15,10 @@ Where vtoken differs, and why:
   ``max(g / (global_thr * sum(g)), i / individual_thr)`` (>= 1 exactly for the tokens their rule keeps) and
   the top ``k`` stay: with ``k`` equal to the count their rule keeps, the two agree.
 - The key-token set of MustDrop's vision stage (the top 8 % by [CLS] attention in the last encoder layer,
-  never dropped later) and its spatial merge are not built here; neither is the decode-stage cache
-  policy (trimming the caches of the layers between the first and last pruning layer to the final set).
+  never dropped later) is not built: no state passes from the projector to the llm(K) sites. Its spatial
+  merge is ``mustdrop_merge`` (projector) and its decode-stage cache policy ``mustdrop_cache`` (decode);
+  ``Pipeline([MustDropMerge(keep=...), MustDropFilter(site="llm(3)", keep=...), ..., MustDropCache()])``
+  composes the three.
 - The attention is recomputed from layer K-1's q/k (no attention map asked of the model), over each row's
   own positions, so a padded batch equals its rows alone.
 """
