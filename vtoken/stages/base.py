@@ -89,5 +89,15 @@ class EncoderStage(Stage):
         super().__post_init__()
 
 
+def check_encoder_layers(stage: Stage, names: tuple[str, ...]) -> None:
+    """Options naming an encoder layer: None (the family's default), a layer counted from 1, or a negative
+    one counted from the end (as ``vision_feature_layer`` counts); anything else is refused."""
+    for name in names:
+        value = getattr(stage, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0):
+            raise ValueError(f"{stage.name} {name}={value!r}; accepted: None, an encoder layer counted from 1, or "
+                             "a negative one counted from the end")
+
+
 def _site_example(kind: str) -> str:
     return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)"}[kind]

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import NO_GRID, Keep, TokenSet
-from .base import Stage
+from .base import Stage, check_encoder_layers
 
 
 @register_stage("hiprune")
@@ -56,11 +56,7 @@ class HiPrune(Stage):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"hiprune alpha={self.alpha!r}; accepted: a float in [0, 1]")
-        for name in ("object_layer", "deep_layer"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value == 0):
-                raise ValueError(f"hiprune {name}={value!r}; accepted: None, an encoder layer counted from 1, or "
-                                 "a negative one counted from the end")
+        check_encoder_layers(self, ("object_layer", "deep_layer"))
 
     def signals(self) -> dict[str, dict[str, Any]]:
         return {"encoder_attn": {"layers": (self.object_layer, self.deep_layer)}}

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..registry import register_pipeline, register_stage
 from ..tokens import NO_GRID, Keep, TokenSet, gather_tokens
-from .base import Stage
+from .base import Stage, check_encoder_layers
 
 
 @register_stage("vscan_scan")
@@ -65,11 +65,7 @@ class VScanScan(Stage):
             raise ValueError(f"vscan_scan global_share={self.global_share!r}; accepted: a float in [0, 1]")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"vscan_scan window={self.window!r}; accepted: an int >= 1 (patches per side)")
-        for name in ("local_layer", "global_layer"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value == 0):
-                raise ValueError(f"vscan_scan {name}={value!r}; accepted: None, an encoder layer counted from 1, "
-                                 "or a negative one counted from the end")
+        check_encoder_layers(self, ("local_layer", "global_layer"))
 
     def signals(self) -> dict[str, dict[str, Any]]:
         return {"encoder_attn": {"layers": (self.local_layer, self.global_layer)}}
