@@ -286,3 +286,19 @@ def test_cache_cut_with_beams_equals_recomputation(options):
         cached = model.generate(**batch, max_new_tokens=5, do_sample=False, **options)
         recomputed = model.generate(**batch, max_new_tokens=5, do_sample=False, use_cache=False, **options)
     assert torch.equal(cached, recomputed)
+
+
+def test_cache_stage_with_a_budget_keeps_what_decode_topk_keeps():
+    """vtoken's addition: below the final set, the entries the new token attends to most (decode_topk's rule)."""
+    from vtoken.stages import DecodeTopK, MustDropCache
+
+    model = tiny_llava("sdpa", seed=23)
+    batch = llava_batch(PROMPTS[:2], seed=4)
+    runs = []
+    for stage in (MustDropCache(keep=6), DecodeTopK(keep=6)):
+        with vtoken.wrapped(model, vtoken.Pipeline([MustDropFilter(site="llm(2)", keep=30), stage])):
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+            runs.append((out.sequences, model.vtoken.stats.kept["decode"]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert [[(s, k.tolist()) for s, k in row] for row in runs[0][1]] == \
+        [[(s, k.tolist()) for s, k in row] for row in runs[1][1]]

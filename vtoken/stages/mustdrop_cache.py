@@ -7,9 +7,11 @@ visual tokens that the final layers no longer have; once the prefill is done, th
 to the final kept set, since the output is formed from it.
 
 Site ``decode``: at each choice the decode site hands this stage the visual entries of the last group of
-layers (what the last ``llm(K)`` site kept), and it keeps all of them; the site removes every other
-visual entry from every layer's cache (freed, not masked). Compose it with the prefill filter:
-``Pipeline([MustDropFilter(site="llm(3)", keep=...), ..., MustDropCache()])``.
+layers (what the last ``llm(K)`` site kept), and it keeps all of them (the default ``keep=1.0``); the
+site removes every other visual entry from every layer's cache (freed, not masked). Compose it with the
+prefill filter: ``Pipeline([MustDropFilter(site="llm(3)", keep=...), ..., MustDropCache()])``. A budget
+below those entries (vtoken's addition, so the stage also runs alone) keeps the ones the new token
+attends to most, as ``decode_topk``; the site computes that attention at every choice.
 
 Where vtoken differs, and why: the cut happens after the first decoding step (the decode site chooses
 after a step's token is cached; the first generated token still sees the layers' own prefill entries),
@@ -20,12 +22,12 @@ keeps one set of visual entries for all layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..registry import register_stage
-from ..tokens import Keep, TokenSet
+from ..tokens import Keep, TokenSet, sorted_topk
 from .base import Stage
 
 
@@ -34,11 +36,13 @@ from .base import Stage
 class MustDropCache(Stage):
     site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
     default_site: ClassVar[str] = "decode"
-    budgeted: ClassVar[bool] = False
+    default_keep: ClassVar[float] = 1.0
 
-    def output_count(self, num_tokens: int, grid: tuple[int, int] | None) -> int:
-        return num_tokens
+    def signals(self) -> dict[str, Any]:
+        return {"decode_attn": {"layer": None}}
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         n = tokens.num_tokens
-        return Keep(indices=torch.arange(n, device=tokens.features.device).expand(tokens.batch_size, n))
+        if k >= n:  # the authors' policy: the final kept set, whole
+            return Keep(indices=torch.arange(n, device=tokens.features.device).expand(tokens.batch_size, n))
+        return Keep(indices=sorted_topk(tokens.signals["decode_attn"], k))
