@@ -501,3 +501,19 @@ def test_labels_give_the_loss_of_the_returned_logits(case, stage):
         f"padded batch: the loss under pruning is {out.loss.item():.6f}, the cross-entropy of the returned logits "
         f"{tuple(out.logits.shape)} against the labels of the surviving positions, each row's together at the "
         f"end of its row (left padding), is {reference.item():.6f}")
+
+
+def run_clauses_without_labels(case, stage) -> None:
+    """Every clause but the labels one, for cases whose rows hold several images or a video (the labels
+    clause's reference lays out one image a row; their own files check labels their own way): keep-all
+    (eager and sdpa), unwrap, cached generation in every mode, padded batches, threads, deepcopy, pickle."""
+    for attn in ATTENTION:
+        test_keep_all_matches_unwrapped_logits(case, stage, attn)
+    test_unwrap_restores_parameters_hooks_and_outputs(case, stage)
+    for mode in GENERATION_MODES:
+        test_cached_generate_equals_recomputation(case, stage, mode)
+    for side in case.sides:
+        test_padded_batch_equals_members_alone(case, stage, side)
+    test_threads_give_each_calls_single_result(case, stage)
+    test_deepcopy_is_an_independent_wrapped_model(case, stage)
+    test_pickle_works_or_says_to_unwrap_first(case, stage)
