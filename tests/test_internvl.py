@@ -250,14 +250,37 @@ def test_lmms_eval_plugin_evaluates_a_tiny_internvl_checkpoint(tmp_path, monkeyp
     logs a failed generate() and goes on, so this is checked)."""
     pytest.importorskip("lmms_eval")
     pytest.importorskip("datasets")
-    from integrations_helpers import evaluate_with_lmms_plugin
+    from pathlib import Path
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models import MODEL_REGISTRY_V2
+    from lmms_eval.tasks import TaskManager
+
     from tiny_processors import LLAVA_CHAT_TEMPLATE, save_tiny_checkpoint, tiny_internvl_processor
+    from vtoken.eval import lmms_task
     from vtoken.integrations import lmms_eval_plugin
 
+    project = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    entry = 'vtoken_internvl = "vtoken.integrations.lmms_eval_plugin:internvl_manifest"'
+    assert entry in project.split('[project.entry-points."lmms_eval.models"]')[1].split("\n[")[0]
+    if "vtoken_internvl" not in MODEL_REGISTRY_V2.list_model_names():
+        MODEL_REGISTRY_V2.register_manifest(lmms_eval_plugin.internvl_manifest())
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     folder = save_tiny_checkpoint(tiny_internvl(), tiny_internvl_processor(), tmp_path / "internvl",
                                   LLAVA_CHAT_TEMPLATE)
-    out, seen = evaluate_with_lmms_plugin(monkeypatch, tmp_path, "vtoken_internvl", lmms_eval_plugin.internvl_manifest,
-                                          folder, "method=cls_attn,keep=8,max_patches=4")
+    task_dir = lmms_task.export_task(tmp_path / "task", n_questions=2)
+    seen = []
+    original = lmms_eval_plugin._wrap
+
+    def wrap_and_remember(model, options):
+        original(model, options)
+        seen.append(model)
+
+    monkeypatch.setattr(lmms_eval_plugin, "_wrap", wrap_and_remember)
+    out = simple_evaluate(model="vtoken_internvl",
+                          model_args=f"pretrained={folder},method=cls_attn,keep=8,max_patches=4",
+                          tasks=["vtoken_scenes"], task_manager=TaskManager(include_path=str(task_dir)),
+                          batch_size=1, device="cpu", limit=2, gen_kwargs="max_new_tokens=2")
     assert out["n-samples"]["vtoken_scenes"]["effective"] == 2
     assert 0.0 <= out["results"]["vtoken_scenes"]["accuracy,none"] <= 1.0
     (model,) = seen
