@@ -198,3 +198,20 @@ def test_pool_properties(h, w, seed, data):
     assert keep.features.shape[1] == a * b
     assert bool((keep.indices[:, 1:] > keep.indices[:, :-1]).all())
     assert keep.assign.unique().numel() == a * b, "every cell holds at least one token"
+
+
+@pytest.mark.parametrize("method,options,message", [
+    ("hiprune", dict(alpha="0.5"), r"hiprune alpha='0.5'; accepted: a float in \[0, 1\]"),
+    ("hiprune", dict(alpha=True), r"hiprune alpha=True; accepted: a float in \[0, 1\]"),
+    ("vscan_scan", dict(global_share=-0.1), r"global_share=-0.1; accepted: a float in \[0, 1\]"),
+    ("vscan_scan", dict(window=2.0), r"window=2.0; accepted: an int >= 1 \(patches per side\)"),
+    ("holitom", dict(tau=1.5), r"tau=1.5; accepted: a cosine similarity in \[-1, 1\]"),
+    ("holitom", dict(knn=0), r"knn=0; accepted: an int >= 1"),
+    ("holitom", dict(max_segment=1), r"max_segment=1; accepted: None or an int >= 2 \(frames\)"),
+    ("dycoke", dict(window=True), r"window=True; accepted: an int >= 2 \(frames per window\)"),
+])
+def test_numeric_options_are_refused_with_the_accepted_values(method, options, message):
+    # strings and bools must get the same clear error as out-of-range numbers, not a TypeError from a comparison
+    with pytest.raises(ValueError, match=message):
+        vtoken.registry.STAGES[method](**options)
+    vtoken.registry.STAGES[method](**{name: None for name in options if name == "max_segment"})

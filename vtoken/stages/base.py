@@ -99,5 +99,27 @@ def check_encoder_layers(stage: Stage, names: tuple[str, ...]) -> None:
                              "a negative one counted from the end")
 
 
+def check_in_range(stage: Stage, name: str, low: float, high: float, what: str = "a float",
+                   allow_none: bool = False) -> None:
+    """A numeric option in the closed range [low, high] (a bool or a string is refused, not compared)."""
+    value = getattr(stage, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        prefix = "None or " if allow_none else ""
+        raise ValueError(f"{stage.name} {name}={value!r}; accepted: {prefix}{what} in [{low:g}, {high:g}]")
+
+
+def check_count(stage: Stage, name: str, minimum: int, unit: str = "", allow_none: bool = False) -> None:
+    """An int option of at least ``minimum`` (``unit`` says what it counts, for the error)."""
+    value = getattr(stage, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        prefix = "None or " if allow_none else ""
+        raise ValueError(f"{stage.name} {name}={value!r}; accepted: {prefix}an int >= {minimum}"
+                         + (f" ({unit})" if unit else ""))
+
+
 def _site_example(kind: str) -> str:
     return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)"}[kind]

@@ -40,7 +40,7 @@ import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_clip, sorted_topk
-from .base import Stage
+from .base import Stage, check_count
 
 
 @register_stage("dycoke")
@@ -56,8 +56,7 @@ class DyCoke(Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:
-            raise ValueError(f"dycoke window={self.window!r}; accepted: an int >= 2 (frames per window)")
+        check_count(self, "window", 2, "frames per window")
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         t, h, w = require_clip(tokens, "dycoke")

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import NO_GRID, Keep, TokenSet
-from .base import Stage, check_encoder_layers
+from .base import Stage, check_encoder_layers, check_in_range
 
 
 @register_stage("hiprune")
@@ -54,8 +54,7 @@ class HiPrune(Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"hiprune alpha={self.alpha!r}; accepted: a float in [0, 1]")
+        check_in_range(self, "alpha", 0.0, 1.0)
         check_encoder_layers(self, ("object_layer", "deep_layer"))
 
     def signals(self) -> dict[str, dict[str, Any]]:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_clip, sorted_topk
-from .base import Stage
+from .base import Stage, check_count, check_in_range
 
 
 @register_stage("holitom")
@@ -64,14 +64,10 @@ class HoliTom(Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"holitom tau={self.tau!r}; accepted: a cosine similarity in [-1, 1]")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"holitom beta={self.beta!r}; accepted: a float in [0, 1]")
-        if isinstance(self.knn, bool) or not isinstance(self.knn, int) or self.knn < 1:
-            raise ValueError(f"holitom knn={self.knn!r}; accepted: an int >= 1")
-        if self.max_segment is not None and (not isinstance(self.max_segment, int) or self.max_segment < 2):
-            raise ValueError(f"holitom max_segment={self.max_segment!r}; accepted: None or an int >= 2")
+        check_in_range(self, "tau", -1.0, 1.0, "a cosine similarity")
+        check_in_range(self, "beta", 0.0, 1.0)
+        check_count(self, "knn", 1)
+        check_count(self, "max_segment", 2, "frames", allow_none=True)
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         t, h, w = require_clip(tokens, "holitom")

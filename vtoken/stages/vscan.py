@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..registry import register_pipeline, register_stage
 from ..tokens import NO_GRID, Keep, TokenSet, gather_tokens
-from .base import Stage, check_encoder_layers
+from .base import Stage, check_count, check_encoder_layers, check_in_range
 
 
 @register_stage("vscan_scan")
@@ -61,10 +61,8 @@ class VScanScan(Stage):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.global_share <= 1.0:
-            raise ValueError(f"vscan_scan global_share={self.global_share!r}; accepted: a float in [0, 1]")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"vscan_scan window={self.window!r}; accepted: an int >= 1 (patches per side)")
+        check_in_range(self, "global_share", 0.0, 1.0)
+        check_count(self, "window", 1, "patches per side")
         check_encoder_layers(self, ("local_layer", "global_layer"))
 
     def signals(self) -> dict[str, dict[str, Any]]:
