@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from ..budget import validate_keep
 from ..sites import Site
-from ..tokens import Keep, TokenSet
+from ..tokens import Keep, TokenSet, sorted_topk
 
 
 @dataclass
@@ -73,6 +73,23 @@ class Stage:
 
 
 @dataclass
+class TopKBySignal(Stage):
+    """A stage that keeps, per row, the ``k`` tokens with the largest value of one per-token signal
+    (``score_signal``, asked for with ``signal_options()``); ties go to the lower index."""
+
+    score_signal: ClassVar[str] = ""
+
+    def signal_options(self) -> dict[str, Any]:
+        return {}
+
+    def signals(self) -> dict[str, dict[str, Any]]:
+        return {self.score_signal: self.signal_options()}
+
+    def select(self, tokens: TokenSet, k: int) -> Keep:
+        return Keep(indices=sorted_topk(tokens.signals[self.score_signal], k))
+
+
+@dataclass
 class EncoderStage(Stage):
     """A stage that runs inside the vision encoder, addressed by ``layer=L`` (shorthand for
     ``site='vision(L)'``). It has no default layer: where to prune inside an encoder is the user's call."""
@@ -122,4 +139,5 @@ def check_count(stage: Stage, name: str, minimum: int, unit: str = "", allow_non
 
 
 def _site_example(kind: str) -> str:
-    return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)"}[kind]
+    return {"vision": "vision(L)", "projector": "projector", "llm": "llm(K)",
+            "decode": "'decode', 'decode(n)' (a choice every n decoding steps)"}[kind]

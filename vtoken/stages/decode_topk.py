@@ -23,30 +23,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..registry import register_stage
-from ..sites import Site
-from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import TopKBySignal
 
 
 @register_stage("decode_topk")
 @dataclass
-class DecodeTopK(Stage):
+class DecodeTopK(TopKBySignal):
     layer: int | None = field(default=None, metadata={
         "help": "decoder layer whose attention row scores the entries (negative counts from the end); None: the "
                 "mean of every layer's row"})
 
     site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
     default_site: ClassVar[str] = "decode"
+    score_signal: ClassVar[str] = "decode_attn"
 
-    def __post_init__(self) -> None:
-        site = Site.parse(self.site if self.site is not None else self.default_site)
-        if site.kind != "decode":
-            raise ValueError(f"stage 'decode_topk' runs while decoding; accepted sites: 'decode', 'decode(n)' "
-                             f"(a choice every n steps); got {site}")
-        super().__post_init__()
-
-    def signals(self) -> dict[str, Any]:
-        return {"decode_attn": {"layer": self.layer}}
-
-    def select(self, tokens: TokenSet, k: int) -> Keep:
-        return Keep(indices=sorted_topk(tokens.signals["decode_attn"], k))
+    def signal_options(self) -> dict[str, Any]:
+        return {"layer": self.layer}

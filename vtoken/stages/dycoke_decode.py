@@ -41,33 +41,25 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..registry import register_stage
-from ..sites import Site
-from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import TopKBySignal
 
 
 @register_stage("dycoke_kv")
 @dataclass
-class DyCokeKV(Stage):
+class DyCokeKV(TopKBySignal):
     layer: int | None = field(default=2, metadata={
         "help": "decoder layer whose attention row scores the entries (2: the authors' L-1 with L=3; negative "
                 "counts from the end; None: the mean of every layer's row)"})
 
     site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
     default_site: ClassVar[str] = "decode"
+    score_signal: ClassVar[str] = "decode_attn"
 
     def __post_init__(self) -> None:
-        site = Site.parse(self.site if self.site is not None else self.default_site)
-        if site.kind != "decode":
-            raise ValueError(f"stage 'dycoke_kv' prunes the KV cache while decoding; accepted sites: 'decode' (a "
-                             f"choice after every step, the authors'), 'decode(n)' (every n steps); got {site}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"dycoke_kv layer={self.layer!r}; accepted: an int (a decoder layer, negative from "
                              "the end) or None (the mean of every layer)")
         super().__post_init__()
 
-    def signals(self) -> dict[str, Any]:
-        return {"decode_attn": {"layer": self.layer}}
-
-    def select(self, tokens: TokenSet, k: int) -> Keep:
-        return Keep(indices=sorted_topk(tokens.signals["decode_attn"], k))
+    def signal_options(self) -> dict[str, Any]:
+        return {"layer": self.layer}

@@ -11,22 +11,16 @@ embedding through ``vtoken.kernels.attention_rows``: the model stays on SDPA/Fla
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from ..registry import register_stage
-from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import TopKBySignal
 
 
 @register_stage("fastv")
 @dataclass
-class FastV(Stage):
+class FastV(TopKBySignal):
     site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
     default_site: ClassVar[str] = "llm(2)"
     default_keep: ClassVar[float] = 0.5
-
-    def signals(self) -> dict[str, Any]:
-        return {"last_query_attn": {}}
-
-    def select(self, tokens: TokenSet, k: int) -> Keep:
-        return Keep(indices=sorted_topk(tokens.signals["last_query_attn"], k))
+    score_signal: ClassVar[str] = "last_query_attn"

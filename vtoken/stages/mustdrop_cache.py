@@ -27,22 +27,23 @@ from typing import Any, ClassVar
 import torch
 
 from ..registry import register_stage
-from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from ..tokens import Keep, TokenSet
+from .base import TopKBySignal
 
 
 @register_stage("mustdrop_cache")
 @dataclass
-class MustDropCache(Stage):
+class MustDropCache(TopKBySignal):
     site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
     default_site: ClassVar[str] = "decode"
     default_keep: ClassVar[float] = 1.0
+    score_signal: ClassVar[str] = "decode_attn"
 
-    def signals(self) -> dict[str, Any]:
-        return {"decode_attn": {"layer": None}}
+    def signal_options(self) -> dict[str, Any]:
+        return {"layer": None}
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         n = tokens.num_tokens
         if k >= n:  # the authors' policy: the final kept set, whole
             return Keep(indices=torch.arange(n, device=tokens.features.device).expand(tokens.batch_size, n))
-        return Keep(indices=sorted_topk(tokens.signals["decode_attn"], k))
+        return super().select(tokens, k)
