@@ -65,6 +65,11 @@ class PruningProcessor(PlanKeyedProcessor):
 class PruningModel:
     """In front of a vLLM Qwen model: the pruned image embeddings and their M-RoPE positions."""
 
+    def __init__(self, *, vllm_config: Any, prefix: str | None = None) -> None:
+        # vLLM's loader looks for both keywords in the signature; a missing prefix keeps the model's own default
+        super().__init__(vllm_config=vllm_config, **({} if prefix is None else {"prefix": prefix}))
+        self._init_pruning()
+
     def _init_pruning(self) -> None:
         self.vtoken_plan = plan_of(self.config)
         refuse_video_pruning(self.multimodal_config)

@@ -27,10 +27,6 @@ class VtokenQwen2_5_VLProcessor(PruningProcessor, Qwen2_5_VLMultiModalProcessor)
 @MULTIMODAL_REGISTRY.register_processor(VtokenQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class VtokenQwen2_5_VLForConditionalGeneration(PruningModel, Qwen2_5_VLForConditionalGeneration):
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning()
-
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         embeddings: tuple[torch.Tensor, ...] = ()

@@ -37,10 +37,6 @@ class VtokenQwen3VLProcessor(PruningProcessor, Qwen3VLMultiModalProcessor):
 @MULTIMODAL_REGISTRY.register_processor(VtokenQwen3VLProcessor, info=Qwen3VLProcessingInfo,
                                         dummy_inputs=Qwen3VLDummyInputsBuilder)
 class VtokenQwen3VLForConditionalGeneration(PruningModel, Qwen3VLForConditionalGeneration):
-    def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruning()
-
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if "video" in inputs:
