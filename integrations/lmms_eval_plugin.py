@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,16 @@ def _wrap(model: Any, options: dict[str, Any]) -> None:
 
 
 class _VTokenMixin:
-    """Wraps ``self.model`` after the parent lmms-eval class has loaded it."""
+    """Wraps ``self.model`` after the parent lmms-eval class (the next class in the MRO) has loaded it."""
 
     model_id = ""
+    #: model_args defaults of this model that differ from the parent's
+    defaults: dict[str, Any] = {}
 
-    def _init_vtoken(self, parent: type, kwargs: dict[str, Any]) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        mro = type(self).__mro__
+        parent = mro[mro.index(_VTokenMixin) + 1]
+        kwargs = {**self.defaults, **kwargs}
         _device_map_follows_device(parent, kwargs)
         parent_kwargs, own = _split_arguments(parent, kwargs)
         parent.__init__(self, **parent_kwargs)
@@ -139,19 +145,13 @@ def _under_lmms_eval_cli() -> bool:
 class VTokenLlavaHf(_VTokenMixin, LlavaHf):
     model_id = "vtoken_llava_hf"
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(LlavaHf, kwargs)
-
 
 class VTokenLlavaOnevision(_VTokenMixin, LlavaHf):
     """LLaVA-OneVision through lmms-eval's ``llava_hf`` class (it loads transformers'
     ``LlavaOnevisionForConditionalGeneration`` and feeds images or videos through the processor)."""
 
     model_id = "vtoken_llava_onevision"
-
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("pretrained", "llava-hf/llava-onevision-qwen2-7b-ov-hf")
-        self._init_vtoken(LlavaHf, kwargs)
+    defaults = {"pretrained": "llava-hf/llava-onevision-qwen2-7b-ov-hf"}
 
 
 class VTokenInternVL(_VTokenMixin, InternVLHf):
@@ -160,66 +160,34 @@ class VTokenInternVL(_VTokenMixin, InternVLHf):
 
     model_id = "vtoken_internvl"
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(InternVLHf, kwargs)
-
 
 class VTokenQwen2VL(_VTokenMixin, Qwen2_VL):
     model_id = "vtoken_qwen2_vl"
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(Qwen2_VL, kwargs)
 
 
 class VTokenQwen25VL(_VTokenMixin, Qwen2_5_VL):
     model_id = "vtoken_qwen2_5_vl"
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(Qwen2_5_VL, kwargs)
-
 
 class VTokenQwen3VL(_VTokenMixin, Qwen3_VL):
     model_id = "vtoken_qwen3_vl"
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(Qwen3_VL, kwargs)
 
 
 class VTokenQwen35(_VTokenMixin, Qwen3_5):
     model_id = "vtoken_qwen3_5"
 
-    def __init__(self, **kwargs: Any) -> None:
-        self._init_vtoken(Qwen3_5, kwargs)
+
+def _manifest(cls: type[_VTokenMixin], chat: bool = False) -> ModelManifest:
+    path = f"{__name__}.{cls.__name__}"
+    return ModelManifest(model_id=cls.model_id, **{"chat_class_path" if chat else "simple_class_path": path})
 
 
-def _manifest(cls: type[_VTokenMixin]) -> ModelManifest:
-    return ModelManifest(model_id=cls.model_id, simple_class_path=f"{__name__}.{cls.__name__}")
-
-
-def llava_hf_manifest() -> ModelManifest:
-    return _manifest(VTokenLlavaHf)
-
-
-def llava_onevision_manifest() -> ModelManifest:
-    return _manifest(VTokenLlavaOnevision)
-
-
-def internvl_manifest() -> ModelManifest:
-    """A chat model: lmms-eval builds its messages from a task's doc_to_visual / doc_to_text."""
-    return ModelManifest(model_id=VTokenInternVL.model_id, chat_class_path=f"{__name__}.{VTokenInternVL.__name__}")
-
-
-def qwen2_vl_manifest() -> ModelManifest:
-    return _manifest(VTokenQwen2VL)
-
-
-def qwen2_5_vl_manifest() -> ModelManifest:
-    return _manifest(VTokenQwen25VL)
-
-
-def qwen3_vl_manifest() -> ModelManifest:
-    return _manifest(VTokenQwen3VL)
-
-
-def qwen3_5_manifest() -> ModelManifest:
-    return _manifest(VTokenQwen35)
+# The entry points of the ``lmms_eval.models`` group (pyproject.toml): each returns its model's manifest.
+llava_hf_manifest = partial(_manifest, VTokenLlavaHf)
+llava_onevision_manifest = partial(_manifest, VTokenLlavaOnevision)
+# a chat model: lmms-eval builds its messages from a task's doc_to_visual / doc_to_text
+internvl_manifest = partial(_manifest, VTokenInternVL, chat=True)
+qwen2_vl_manifest = partial(_manifest, VTokenQwen2VL)
+qwen2_5_vl_manifest = partial(_manifest, VTokenQwen25VL)
+qwen3_vl_manifest = partial(_manifest, VTokenQwen3VL)
+qwen3_5_manifest = partial(_manifest, VTokenQwen35)
