@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -40,6 +41,17 @@ class HookSet:
         for handle in reversed(self.handles):
             handle.remove()
         self.handles = []
+
+
+@contextmanager
+def removed_on_failure(owner: Any) -> Iterator[None]:
+    """Installing hooks: if anything fails half-way, ``owner.remove()`` takes back what was put in place,
+    so a refused or failed wrap leaves no trace, and the error goes on."""
+    try:
+        yield
+    except BaseException:
+        owner.remove()
+        raise
 
 
 class SiteHooks:

@@ -25,7 +25,7 @@ from vtoken.sites import Site
 from vtoken.stats import Stats
 from vtoken.tokens import TokenSet
 
-from .base import Integration
+from .base import Integration, removed_on_failure
 from .decoder import DecoderSites
 from .generation import (
     WrappedGenerate,
@@ -102,11 +102,8 @@ class HFVisionLanguage(Integration):
         self.decoder, self.encoder_sites = None, None
         self._had_generate = "generate" in self.model.__dict__
         self._saved_generate = self.model.__dict__.get("generate")
-        try:
+        with removed_on_failure(self):
             self._install_hooks()
-        except BaseException:
-            self.remove()  # a failed wrap leaves no trace
-            raise
 
     def _install_hooks(self) -> None:
         self.hooks.add(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))

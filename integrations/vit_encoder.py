@@ -16,7 +16,7 @@ import torch
 
 from vtoken import signals
 
-from .base import Integration
+from .base import Integration, removed_on_failure
 from .vit_sites import EncoderLayout, EncoderSites
 
 ALTERNATIVES = "use kcenter, repshift, random, pool or pixel_shuffle instead"
@@ -85,16 +85,13 @@ class VisionEncoderIntegration(Integration):
         self._check_signals()
         self.encoder_sites: EncoderSites | None = None
         self.layout = self.encoder_layout()
-        try:
+        with removed_on_failure(self):
             for handle in self.input_hooks():
                 self.hooks.add(handle)
             first = self.blocks()[0]
             self.hooks.add(first.register_forward_pre_hook(self._on_encoder_start, with_kwargs=True))
             self.encoder_sites = EncoderSites(self.pipeline, self.pipeline.sites, self.key, self.end_call,
                                               layout=self.layout)
-        except BaseException:
-            self.remove()  # a failed wrap leaves no trace
-            raise
 
     def remove(self) -> None:
         self.hooks.remove_all()

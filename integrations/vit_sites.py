@@ -30,7 +30,7 @@ from vtoken.sites import Site
 from vtoken.stats import clock
 from vtoken.tokens import TokenSet
 
-from .base import SiteHooks
+from .base import SiteHooks, removed_on_failure
 
 
 @dataclass
@@ -66,11 +66,8 @@ class EncoderSites(SiteHooks):
         self.layout = layout
         self.hooks.add(layout.blocks[0].register_forward_pre_hook(self._reset))
         self.hooks.add(layout.blocks[-1].register_forward_hook(self._finish, always_call=True))
-        try:
+        with removed_on_failure(self):
             self._install()
-        except BaseException:
-            self.remove()  # never leave half the hooks behind
-            raise
 
     def _install(self) -> None:
         layout, pipeline = self.layout, self.pipeline
