@@ -277,6 +277,18 @@ class Integration:
         it (resized, cropped): what the demo draws the kept tokens over."""
         raise self._lacks("the image region its patch grid covers")
 
+    def placeholder_prompt(self, placeholders: int, text_tokens: int, batch: int, generator: Any, device: Any,
+                           avoid: Any = ()) -> Any:
+        """A LLaVA-style synthetic prompt ``[batch, L]``: ``<bos>``, half of ``text_tokens - 1`` random ordinary
+        ids, ``placeholders`` image tokens, the other half (no id of ``avoid`` among the random ones)."""
+        text_config = self.model.config.text_config
+        image = self.image_token_id()
+        bos = getattr(text_config, "bos_token_id", None)
+        bos = 1 if bos is None else int(bos)
+        text = self.random_text_ids(int(text_config.vocab_size), text_tokens - 1, generator, avoid=[image, bos, *avoid])
+        ids = [bos] + text[:len(text) // 2] + [image] * placeholders + text[len(text) // 2:]
+        return torch.tensor([ids] * batch, device=device)
+
     @staticmethod
     def random_text_ids(vocab: int, count: int, generator: Any, avoid: Any = ()) -> list[int]:
         """``count`` random ordinary token ids below ``vocab`` (none of ``avoid``), for synthetic prompts."""
@@ -286,6 +298,21 @@ class Integration:
         ids = torch.randint(low, high, (count * 2,), generator=generator).tolist()
         skip = set(avoid)
         return [i for i in ids if i not in skip][:count]
+
+
+@contextmanager
+def captured_inputs(layers: Any, wanted: Any, *extra: Any) -> Iterator[dict[int, Tensor]]:
+    """Inside, a forward of this thread stores the input of each wanted layer (``layers[i]``, each index once)
+    in the dict it yields; on the way out, also when the forward raises, those hooks and the ``extra``
+    handles are removed."""
+    captured: dict[int, Tensor] = {}
+    handles = [layers[i].register_forward_pre_hook(capture_in_this_thread(captured, i), with_kwargs=True)
+               for i in dict.fromkeys(wanted)]
+    try:
+        yield captured
+    finally:
+        for handle in [*handles, *extra]:
+            handle.remove()
 
 
 def capture_in_this_thread(store: dict[int, Tensor], index: int):

@@ -38,7 +38,7 @@ from vtoken.registry import register_integration
 from vtoken.sites import Site
 from vtoken.stats import clock
 
-from .base import capture_in_this_thread
+from .base import captured_inputs
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
 from .llava_next import split_budget
 from .projector_signals import hidden_state_blocks
@@ -77,16 +77,10 @@ class InternVLIntegration(HFVisionLanguage):
             raise ValueError(f"vtoken supports {self.family} with vision_feature_select_strategy='default' and one "
                              f"vision_feature_layer; got {strategy!r} and {layer!r}")
         wanted = self._cls_layers(signals, layer)
-        captured: dict[int, Tensor] = {}
-        handles = [self.vision_layers()[i].register_forward_pre_hook(capture_in_this_thread(captured, i),
-                                                                     with_kwargs=True) for i in wanted]
-        try:
+        with captured_inputs(self.vision_layers(), wanted) as captured:
             output = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
-        finally:
-            for handle in handles:
-                handle.remove()
         features = output.pooler_output  # [tiles, tokens per tile, D]
         start = clock(features.device)
         scores = None
@@ -219,12 +213,7 @@ class InternVLIntegration(HFVisionLanguage):
             raise ValueError(f"{self.family} images give {per_tile} visual tokens a tile; visual_tokens="
                              f"{visual_tokens} cannot be made, accepted: a positive multiple of {per_tile} or None")
         generator = torch.Generator().manual_seed(seed)
-        image = self.image_token_id()
-        bos = getattr(config.text_config, "bos_token_id", None)
-        bos = 1 if bos is None else int(bos)
-        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator, avoid=[image, bos])
-        ids = [bos] + text[:len(text) // 2] + [image] * (tiles * per_tile) + text[len(text) // 2:]
-        input_ids = torch.tensor([ids] * batch, device=device)
+        input_ids = self.placeholder_prompt(tiles * per_tile, text_tokens, batch, generator, device)
         size = _first(config.vision_config.image_size)
         pixels = torch.randn(batch * tiles, 3, size, size, generator=generator).to(device=device, dtype=dtype)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}

@@ -27,7 +27,7 @@ from vtoken.registry import register_integration
 from vtoken.sites import Site
 from vtoken.stats import clock
 
-from .base import capture_in_this_thread
+from .base import captured_inputs
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
 from .projector_signals import clip_received_attention, encoder_attn_blocks, hidden_state_blocks
 from .vit_sites import EncoderLayout
@@ -103,21 +103,12 @@ class LlavaIntegration(HFVisionLanguage):
         attn_blocks = self._encoder_attn_blocks(signals, layer)
         if self.encoder_sites is not None:
             self._check_vision_sites(layer)
-        captured: dict[int, Tensor] = {}
-        handles = [
-            self.vision_layers()[index].register_forward_pre_hook(capture_in_this_thread(captured, index),
-                                                                  with_kwargs=True)
-            for index in dict.fromkeys(wanted_layers + attn_blocks)
-        ]
-        try:
+        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks) as captured:
             extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
             output = self.model.model.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True, **extra,
             )
-        finally:
-            for handle in handles:
-                handle.remove()
         features = output.pooler_output
         features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
         side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
@@ -215,14 +206,7 @@ class LlavaIntegration(HFVisionLanguage):
             raise ValueError(f"{self.family} images give {fixed} visual tokens each (the tower's fixed image "
                              f"size); visual_tokens={visual_tokens} cannot be made, accepted: {fixed} or None")
         generator = torch.Generator().manual_seed(seed)
-        image = int(config.image_token_id)
-        bos = getattr(config.text_config, "bos_token_id", None)
-        bos = 1 if bos is None else int(bos)
-        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator,
-                                    avoid=[image, bos])
-        before = len(text) // 2
-        ids = [bos] + text[:before] + [image] * fixed + text[before:]
-        input_ids = torch.tensor([ids] * batch, device=device)
+        input_ids = self.placeholder_prompt(fixed, text_tokens, batch, generator, device)
         size = config.vision_config.image_size
         pixels = torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}

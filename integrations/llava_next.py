@@ -32,7 +32,7 @@ from torch import Tensor
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
-from .base import capture_in_this_thread
+from .base import captured_inputs
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next_vision import check_vision_options, kept_places, scatter_to_grid
@@ -72,23 +72,17 @@ class LlavaNextIntegration(LlavaIntegration):
         wanted_layers = self._cls_layers(signals, layer)
         attn_blocks = self._encoder_attn_blocks(signals, layer)
         guided = self.settings["anyres_budget"] == "guided"
-        captured: dict[int, Tensor] = {}
-        handles = [self.vision_layers()[i].register_forward_pre_hook(capture_in_this_thread(captured, i),
-                                                                     with_kwargs=True)
-                   for i in dict.fromkeys(wanted_layers + attn_blocks)]
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        packing = []
         if self.encoder_sites is not None:  # vision(L): the packing gets every view's full grid back
             self._check_vision_sites(layer)
-            handles.append(self.model.model.multi_modal_projector.register_forward_hook(
+            packing.append(self.model.model.multi_modal_projector.register_forward_hook(
                 scatter_to_grid(self.encoder_sites, patches)))
-        try:
+        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks, *packing) as captured:
             output = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True,
             )
-        finally:
-            for handle in handles:
-                handle.remove()
         packed = list(output.pooler_output)
         kept = None if self.encoder_sites is None else kept_places(self.encoder_sites, patches)
         layouts = self._layouts(packed, image_sizes)

@@ -47,7 +47,7 @@ from vtoken.flops import ModelDims, VisualCounts
 from vtoken.registry import register_integration
 from vtoken.stats import clock
 
-from .base import capture_in_this_thread
+from .base import captured_inputs
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next import ANYRES_BUDGETS, LlavaNextIntegration, _newline_rule
@@ -114,15 +114,8 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
 
     # --- scoring ---------------------------------------------------------------------------------
     def _run_tower(self, wanted: list[int], run: Any) -> tuple[Any, dict[int, Tensor]]:
-        captured: dict[int, Tensor] = {}
-        handles = [self.vision_layers()[i].register_forward_pre_hook(capture_in_this_thread(captured, i),
-                                                                     with_kwargs=True)
-                   for i in wanted]
-        try:
+        with captured_inputs(self.vision_layers(), wanted) as captured:
             return run(), captured
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _received(self, wanted: list[int], captured: dict[int, Tensor]) -> Tensor | None:
         """Per view (or frame), per patch: the attention it receives, mean over the wanted layers ``[V, N]``."""
@@ -269,13 +262,8 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
             raise ValueError(f"{self.family} bench images are the tower's square size and give {tokens} visual "
                              f"tokens each; visual_tokens={visual_tokens} cannot be made, accepted: {tokens} or None")
         generator = torch.Generator().manual_seed(seed)
-        image = self.image_token_id()
-        bos = getattr(config.text_config, "bos_token_id", None)
-        bos = 1 if bos is None else int(bos)
-        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator,
-                                    avoid=[image, self.video_token_id(), bos])
-        ids = [bos] + text[:len(text) // 2] + [image] * tokens + text[len(text) // 2:]
-        input_ids = torch.tensor([ids] * batch, device=device)
+        input_ids = self.placeholder_prompt(tokens, text_tokens, batch, generator, device,
+                                            avoid=[self.video_token_id()])
         pixels = torch.randn(batch, views, 3, size, size, generator=generator).to(device=device, dtype=dtype)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels,
                 "image_sizes": image_sizes.to(device), "batch_num_images": torch.ones(batch, dtype=torch.long)}
