@@ -336,14 +336,60 @@ class Qwen2VLIntegration(HFVisionLanguage):
             "image_grid_thw": torch.tensor([[1, *grid]] * batch, device=device),
         }
 
+    #: the bench's video frames (``synthetic_video_inputs``): 112 x 112 px, 8 x 8 patches of 14 px, 16 tokens
+    #: per pair of frames after the 2x2 merge; a 32-frame clip is 256 tokens, a few minutes' bench on 2 CPU cores
+    synthetic_frame_patches: ClassVar[int] = 8
+
+    def synthetic_video_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                               frames: int) -> dict[str, Any]:
+        """As ``synthetic_inputs`` with a clip of ``frames`` frames (``synthetic_frame_patches`` square) in the
+        image's place: one random scene, each pair of frames (one temporal patch) the first with a little
+        noise and a quarter of its places, moving, of new content, so the clip has static and changing places."""
+        vision = self.model.config.vision_config
+        step = int(vision.temporal_patch_size)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < step or frames % step:
+            raise ValueError(f"video_frames={frames!r}; accepted: a multiple of {step} (the temporal patch), e.g. 32")
+        side, t, config = self.synthetic_frame_patches, frames // step, self.model.config
+        per_frame = side * side // int(self.vision().spatial_merge_size) ** 2
+        generator = torch.Generator().manual_seed(seed)
+        special = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                   config.vision_end_token_id]
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 2, generator, avoid=special)
+        ids = text[:len(text) // 2] + self.clip_prompt(t, per_frame, text[0]) + text[len(text) // 2:]
+        values = 3 * step * vision.patch_size ** 2
+        scene = torch.randn(side * side, values, generator=generator)
+        clip = []
+        for frame in range(t):
+            pair = scene + 0.05 * torch.randn(scene.shape, generator=generator)
+            moved = (torch.arange(side * side) + frame) % 4 == 0
+            pair[moved] = torch.randn(int(moved.sum()), values, generator=generator)
+            clip.append(pair)
+        input_ids = torch.tensor([ids] * batch, device=device)
+        return {
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "mm_token_type_ids": torch.tensor([[2 * (i == config.video_token_id) for i in ids]] * batch,
+                                              dtype=torch.int, device=device),
+            "pixel_values_videos": torch.cat(clip * batch).to(device=device, dtype=dtype),
+            "video_grid_thw": torch.tensor([[t, side, side]] * batch, device=device),
+        }
+
+    def clip_prompt(self, t: int, per_frame: int, timestamp: int) -> list[int]:
+        """A clip's ids in the prompt as the processor writes them: one run of placeholders (Qwen3-VL: per
+        frame, ``timestamp`` standing for its time text, then the frame's own run)."""
+        config = self.model.config
+        return [config.vision_start_token_id] + [config.video_token_id] * t * per_frame + [config.vision_end_token_id]
+
     def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
-        """From the first image's ``image_grid_thw`` (the images of a sample alike); images only."""
-        if inputs.get("image_grid_thw") is None:
-            raise NotImplementedError(f"visual counts for {self.family} are implemented for images "
-                                      "(image_grid_thw), not for video-only inputs")
-        patches = int(inputs["image_grid_thw"][0].prod())
+        """From the first image's ``image_grid_thw`` (the images of a sample alike); for a sample of one clip
+        (no images), each temporal patch counts as an image (the tower attends within it)."""
+        key, token = ("image_grid_thw", self.image_token_id())
+        if inputs.get(key) is None and inputs.get("video_grid_thw") is not None:
+            key, token = "video_grid_thw", self.model.config.video_token_id
+        if inputs.get(key) is None:
+            raise NotImplementedError(f"visual counts for {self.family} need image_grid_thw or video_grid_thw")
+        patches = int(inputs[key][0][1:].prod())
         tokens = patches // int(self.vision().spatial_merge_size) ** 2
-        images = int((inputs["input_ids"][0] == self.image_token_id()).sum()) // tokens
+        images = int((inputs["input_ids"][0] == token).sum()) // tokens
         return VisualCounts(images=images, patches=patches, tokens=tokens)
 
     def run_vision(self, inputs: dict[str, Any]) -> Any:

@@ -206,6 +206,11 @@ class Qwen3VLIntegration(Qwen2VLIntegration):
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     # --- what bench, FLOPs and the demo ask a family ---
+    def clip_prompt(self, t: int, per_frame: int, timestamp: int) -> list[int]:
+        config = self.model.config
+        run = [config.vision_start_token_id] + [config.video_token_id] * per_frame + [config.vision_end_token_id]
+        return ([timestamp] + run) * t
+
     def model_dims(self) -> ModelDims:
         """The ViT over patches (no [CLS], full attention, GELU MLP), the PatchMerger and the decoder;
         the DeepStack mergers (one per level, the size of the PatchMerger) count with the projector."""

@@ -30,6 +30,7 @@ def run_bench(
     device: str = "auto", dtype: str | torch.dtype = "auto", threads: int | None = None,
     attn_implementation: str = "sdpa", out: str | Path | None = None, plots: bool = True, progress: bool = True,
     command: str | None = None, generate_runs: int = 3, max_spread: float = MAX_SPREAD,
+    video_frames: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``methods`` x ``budgets`` on a model; returns the results (and writes them to ``out``).
 
@@ -37,6 +38,8 @@ def run_bench(
     (with ``random_init=True``) for a random-weight architecture scaled by ``depth_scale``.
     Each method's timed runs alternate with the unpruned model's (``generate_runs`` generate() pairs);
     a configuration whose runs spread more than ``max_spread`` (max/min) is flagged.
+    ``video_frames``: each sample holds a synthetic clip of that many frames instead of an image (the
+    family's ``synthetic_video_inputs``; visual counts then count each temporal patch as an image).
     """
     import vtoken
 
@@ -45,7 +48,9 @@ def run_bench(
     started = time.perf_counter()
     model, model_name = load_model(model, arch, random_init, depth_scale, torch_dtype, device, attn_implementation,
                                    seed)
-    work = workload(model, text_tokens, batch_size, seed, device, torch_dtype)
+    work = workload(model, text_tokens, batch_size, seed, device, torch_dtype, video_frames=video_frames)
+    if video_frames is not None:
+        model_name += f", {video_frames}-frame video"
     grid = method_grid(methods, budgets)
     for spec, keep in grid:  # a method the model cannot take fails before the long part
         with vtoken.wrapped(model, spec.method, keep=keep, **spec.options):
@@ -65,11 +70,12 @@ def run_bench(
     bar.close()
     result = {
         "command": command or _api_command(model_name, methods, budgets, runs, warmup, decode_tokens, text_tokens,
-                                           batch_size, seed, device, torch_dtype, threads, out),
+                                           batch_size, seed, device, torch_dtype, threads, out, video_frames),
         "model": model_name, "random_init": bool(arch), "depth_scale": depth_scale if arch else 1.0,
         **run_facts(model, device, torch_dtype), "attn_implementation": attn_implementation,
         "max_spread": max_spread, "generate_runs": generate_runs,
         "text_tokens": work.text_tokens, "visual_tokens_per_image": work.counts.tokens,
+        "video_frames": video_frames, "visual_tokens_per_sample": work.counts.tokens * work.counts.images,
         "batch_size": batch_size, "runs": runs, "warmup": warmup, "decode_tokens": decode_tokens,
         "dims": work.dims.to_dict(), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "wall_s": None, "rows": rows,
@@ -100,14 +106,24 @@ def setup_machine(device: str, dtype: str | torch.dtype, threads: int | None) ->
 
 
 def workload(model: Any, text_tokens: int, batch_size: int, seed: int, device: torch.device,
-             dtype: torch.dtype, visual_tokens: int | None = None) -> Workload:
+             dtype: torch.dtype, visual_tokens: int | None = None, video_frames: int | None = None) -> Workload:
     """What the run measures on, from the model's integration: synthetic inputs (``visual_tokens`` per
-    image where the family can set it), their visual counts and the model's FLOPs dimensions (a family
-    that lacks one of them refuses here, before any timing)."""
+    image where the family can set it, or a clip of ``video_frames`` frames), their visual counts and the
+    model's FLOPs dimensions (a family that lacks one of them refuses here, before any timing)."""
     from vtoken.integrations.base import Integration
 
     family = Integration.for_model(model)
-    inputs = family.synthetic_inputs(text_tokens, batch_size, seed, device, dtype, visual_tokens=visual_tokens)
+    if video_frames is None:
+        inputs = family.synthetic_inputs(text_tokens, batch_size, seed, device, dtype, visual_tokens=visual_tokens)
+    else:
+        if visual_tokens is not None:
+            raise ValueError("a synthetic clip's frame size is the family's own; give video_frames or "
+                             "visual_tokens, not both")
+        make = getattr(family, "synthetic_video_inputs", None)
+        if make is None:
+            raise NotImplementedError(f"the {family.family} integration gives no synthetic video clip for the "
+                                      "bench (--video-frames); Qwen2-VL and Qwen2.5-VL do")
+        inputs = make(text_tokens, batch_size, seed, device, dtype, frames=video_frames)
     return Workload(model=model, family=family, inputs=inputs, counts=family.visual_counts(inputs),
                     dims=family.model_dims(), device=device)
 
@@ -175,7 +191,7 @@ def _progress(total: int, enabled: bool):
 
 
 def _api_command(model_name, methods, budgets, runs, warmup, decode_tokens, text_tokens, batch_size, seed, device,
-                 dtype, threads, out) -> str:
+                 dtype, threads, out, video_frames=None) -> str:
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
     parts = ["vtoken", "bench", "--model", model_name, "--methods", ",".join(methods),
              "--budgets", ",".join(map(str, budgets)), "--runs", str(runs), "--warmup", str(warmup),
@@ -183,6 +199,8 @@ def _api_command(model_name, methods, budgets, runs, warmup, decode_tokens, text
              str(batch_size), "--seed", str(seed), "--device", str(device), "--dtype", dtype_name]
     if threads is not None:
         parts += ["--threads", str(threads)]
+    if video_frames is not None:
+        parts += ["--video-frames", str(video_frames)]
     if out is not None:
         parts += ["--out", str(out)]
     return shlex.join(parts)
