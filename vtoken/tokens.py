@@ -112,6 +112,13 @@ class TokenSet:
         return replace(kept, features=keep.features, grid=keep.grid, weights=weights)
 
 
+def require_grid(tokens: TokenSet, stage: str) -> tuple[int, int]:
+    """The ``(h, w)`` grid of tokens that still form one, or the NO_GRID error naming ``stage``."""
+    if tokens.grid is None:
+        raise ValueError(NO_GRID.format(stage=stage))
+    return tokens.grid
+
+
 def require_clip(tokens: TokenSet, stage: str) -> tuple[int, int, int]:
     """The ``(t, h, w)`` layout of a full clip's tokens, or the NO_CLIP error naming ``stage``."""
     if tokens.layout is None:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_stage
-from ..tokens import NO_GRID, Keep, TokenSet
+from ..tokens import Keep, TokenSet, require_grid
 from .base import Stage, check_encoder_layers, check_in_range
 
 
@@ -61,8 +61,7 @@ class HiPrune(Stage):
         return {"encoder_attn": {"layers": (self.object_layer, self.deep_layer)}}
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
-        if tokens.grid is None:
-            raise ValueError(NO_GRID.format(stage="hiprune"))
+        grid = require_grid(tokens, "hiprune")
         attention = tokens.signals["encoder_attn"].float()
         object_attn, deep_attn = attention[..., 0], attention[..., 1]
         anchors = round(k * self.alpha / 5)
@@ -70,7 +69,7 @@ class HiPrune(Stage):
         if anchors:
             top = torch.sort(object_attn, dim=-1, descending=True, stable=True).indices[:, :anchors]
             anchor.scatter_(1, top, True)
-        buffer = neighbours(anchor, tokens.grid) & ~anchor
+        buffer = neighbours(anchor, grid) & ~anchor
         # one ranking: anchors, then buffers (by object-layer attention), then the rest by deep-layer attention
         tier = anchor.long() * 2 + buffer.long()
         score = torch.where(tier > 0, object_attn, deep_attn)

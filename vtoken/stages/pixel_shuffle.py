@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..registry import register_stage
-from ..tokens import NO_GRID, Keep, TokenSet
+from ..tokens import Keep, TokenSet, require_grid
 from .base import EncoderStage
 from .pool import merge_cells
 
@@ -55,9 +55,7 @@ class PixelShuffle(EncoderStage):
         return num_tokens // (self.ratio * self.ratio)
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
-        if tokens.grid is None:
-            raise ValueError(NO_GRID.format(stage="pixel_shuffle"))
-        h, w = tokens.grid
+        h, w = require_grid(tokens, "pixel_shuffle")
         r = self.ratio
         if h % r or w % r:
             raise ValueError(f"pixel_shuffle ratio {r} does not divide the {h}x{w} token grid; "

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from ..registry import register_stage
-from ..tokens import NO_GRID, Keep, TokenSet
+from ..tokens import Keep, TokenSet, require_grid
 from .base import Stage
 
 
@@ -29,9 +29,7 @@ class Pool(Stage):
     needs_grid: ClassVar[bool] = True
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
-        if tokens.grid is None:
-            raise ValueError(NO_GRID.format(stage="pool"))
-        h, w = tokens.grid
+        h, w = require_grid(tokens, "pool")
         return merge_cells(tokens, *pool_grid(k, h, w))
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register_pipeline, register_stage
-from ..tokens import NO_GRID, Keep, TokenSet, gather_tokens
+from ..tokens import Keep, TokenSet, gather_tokens, require_grid
 from .base import Stage, check_count, check_encoder_layers, check_in_range
 
 
@@ -69,8 +69,7 @@ class VScanScan(Stage):
         return {"encoder_attn": {"layers": (self.local_layer, self.global_layer)}}
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
-        if tokens.grid is None:
-            raise ValueError(NO_GRID.format(stage="vscan_scan"))
+        grid = require_grid(tokens, "vscan_scan")
         batch, n = tokens.batch_size, tokens.num_tokens
         device = tokens.features.device
         attention = tokens.signals["encoder_attn"].float()
@@ -80,7 +79,7 @@ class VScanScan(Stage):
         chosen = round(k * self.global_share)
         kept.scatter_(1, top_deep[:, :chosen], True)
         if k > chosen:
-            kept.scatter_(1, self._local_scan(shallow, kept, tokens.grid)[:, :k - chosen], True)
+            kept.scatter_(1, self._local_scan(shallow, kept, grid)[:, :k - chosen], True)
         indices = kept.nonzero()[:, 1].view(batch, k)
         if k == n:
             return Keep(indices=indices)
