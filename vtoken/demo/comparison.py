@@ -23,7 +23,7 @@ from PIL import Image
 
 import vtoken
 from vtoken.budget import parse_budget
-from vtoken.registry import STAGES
+from vtoken.registry import PIPELINES, STAGES
 from vtoken.sites import Site
 from vtoken.stats import clock
 
@@ -108,8 +108,14 @@ def _open(source: Any, name: str, size: int) -> Image.Image:
 # --- methods ---------------------------------------------------------------------------------------
 def demo_methods() -> list[str]:
     """Every registered method that runs on one image, each at a site the demo picks (see ``method_setup``);
-    the video-only ones (``needs_clip``: DyCoke, HoliTom) are left out, the demo takes an image."""
-    return [name for name in vtoken.list_methods() if not getattr(STAGES.get(name), "needs_clip", False)]
+    the video-only ones (``needs_clip``: DyCoke, HoliTom, and named pipelines holding one) are left out,
+    the demo takes an image."""
+    def stages_of(name: str) -> list[str]:
+        named = PIPELINES.get(name)
+        return [part.split("@")[0] for part in named.spec.split("+")] if named else [name]
+
+    return [name for name in vtoken.list_methods()
+            if not any(getattr(STAGES.get(stage), "needs_clip", False) for stage in stages_of(name))]
 
 
 def family_of(model: Any) -> Any:
