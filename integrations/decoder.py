@@ -46,7 +46,7 @@ from vtoken.pipeline import Pipeline
 from vtoken.sequence import padding_side
 from vtoken.sites import Site
 from vtoken.stats import Stats, clock
-from vtoken.tokens import TokenSet
+from vtoken.tokens import TokenSet, pinned_at
 
 from .base import SiteHooks
 from .decode_site import DecodeSite, follow_rows
@@ -99,6 +99,7 @@ class DecoderCall:
     copies: int = 1  # rows per prompt after expand
     raters: Tensor | None = None  # [B, L] SparseVLM's text raters, chosen from the decoder input
     merges: dict[int, Tensor] = field(default_factory=dict)  # site K -> merge targets (recycling.py)
+    pinned: Tensor | None = None  # [B0, L] decoder-input positions the projector's stages pinned (before expand)
 
     def expand(self, batch: int) -> None:
         """Repeat each row for beam search / several returned sequences (generate expands the batch
@@ -396,6 +397,8 @@ class DecoderSites(SiteHooks):
             table = tuple(t if call.index is None else take_seq(t, call.index) for t in rotary_k)
             out[signals.INSTRUCTION_ATTN] = instruction_attention(self.layers[site.layer], hidden_k, table, attend,
                                                                   text_k, self.apply_rotary)
+        if signals.PINNED in wanted:  # the projector's pins at the positions still present (rows as expanded)
+            out[signals.PINNED] = pinned_at(call.pinned, call.copies, index_k)
         if not (FROM_LAYER_BEFORE & set(wanted)):
             return out
         layer_index = site.layer - 1

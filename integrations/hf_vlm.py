@@ -156,6 +156,8 @@ class HFVisionLanguage(Integration):
 
     def provided_signals(self, site: Site) -> frozenset[str]:
         offered = super().provided_signals(site)
+        if site.kind == "llm":  # the projector's pins ride on the decoder's visual positions (decoder.py)
+            offered = offered | {signals.PINNED}
         if site.kind == "projector" and any(s.kind == "vision" for s in self.pipeline.sites):
             # after vision(L) pruning, the encoder layers score a shorter sequence than the projector receives
             return offered - {signals.ENCODER_ATTN}
@@ -285,7 +287,8 @@ class HFVisionLanguage(Integration):
         encoded = self.encode_images(inputs, wanted)
         texts = prompt_text(self.model, input_ids, inputs.get("attention_mask"), encoded) \
             if signals.PROMPT_TEXT in wanted else None
-        kept = self._run_projector(encoded, projector if run_projector else None, call.stats, texts)
+        pins: list[tuple[int, Tensor]] = []  # (unit, block slots) of the tokens the projector's stages pinned
+        kept = self._run_projector(encoded, projector if run_projector else None, call.stats, texts, pins)
 
         embeds = self.model.get_input_embeddings()(input_ids).clone()
         seq_keep = torch.ones_like(input_ids, dtype=torch.bool)
@@ -345,10 +348,13 @@ class HFVisionLanguage(Integration):
                 call.parts["labels"] = out.pop("labels")  # the loss is taken after the decoder shrank the sequence
             self.decoder.expect_prefill(call, Prefill(visual=visual, units=units,
                                                       attention_mask=out.get("attention_mask")))
+            if pins:  # the pins ride on the decoder-input positions to the llm(K) sites (the pinned signal)
+                pinned = pinned_placeholders(input_ids, encoded, pins)
+                call.parts["decoder"].pinned = pinned if packing is None else packing.gather(pinned, pad_value=False)
         return out
 
-    def _run_projector(self, encoded: Encoded, site: Site | None, stats: Stats,
-                       texts: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
+    def _run_projector(self, encoded: Encoded, site: Site | None, stats: Stats, texts: list[Tensor] | None = None,
+                       pins: list[tuple[int, Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
         """Per unit: the features that stay ``[K, D]`` and the block slots they go to ``[K]``.
 
         Units of the same size and grid (and instruction length, when ``texts`` holds each unit's
@@ -383,6 +389,8 @@ class HFVisionLanguage(Integration):
                 result[i] = (after.features[row], after.index[row])
                 kept_record[i] = after.index[row]
                 merged_record[i] = None if keep.assign is None else keep.assign[row]
+                if pins is not None and after.pinned is not None:  # ``pins``: (unit, block slots) pinned here
+                    pins.append((i, after.index[row][after.pinned[row]]))
         stats.kept[str(site)] = kept_record
         if any(m is not None for m in merged_record):
             stats.merged[str(site)] = merged_record
@@ -395,6 +403,17 @@ class HFVisionLanguage(Integration):
         if inputs.get("position_ids") is not None:
             return inputs["position_ids"]
         return self.default_positions(inputs, for_generate)
+
+def pinned_placeholders(input_ids: Tensor, encoded: Encoded, pins: list[tuple[int, Tensor]]) -> Tensor:
+    """``[B, L]`` bool: the placeholders of the tokens pinned at the projector (``pins``: unit, block slots)."""
+    marks = [torch.zeros(block.size, dtype=torch.bool, device=input_ids.device) for block in encoded.blocks]
+    for unit, slots in pins:
+        marks[encoded.units[unit].block][slots] = True
+    pinned = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in dict.fromkeys(block.token_id for block in encoded.blocks):
+        pinned[input_ids == token_id] = torch.cat([m for m, b in zip(marks, encoded.blocks) if b.token_id == token_id])
+    return pinned
+
 
 def _pad_id(model: Any, input_ids: Tensor) -> int:
     for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):

@@ -182,7 +182,7 @@ def test_window_merge_equals_the_slow_reference(grid, k):
     base = torch.randn(2, h * w, 8, generator=generator)
     base[:, : w * 3] += 3 * torch.randn(2, 1, 8, generator=generator)  # similar rows on top: windows to merge
     tokens = TokenSet.from_features(base, grid=grid)
-    keep = MustDropMerge(keep=k).select(tokens, k)
+    keep = MustDropMerge(keep=k, key_share=0).select(tokens, k)  # the key set: test_mustdrop_keys.py
     for row in range(2):
         groups = slow_window_merge(base[row], h, w, 3, k)
         assert keep.indices[row].tolist() == [g[-1] for g in groups]
@@ -197,7 +197,7 @@ def test_window_merge_refuses_fewer_tokens_than_windows():
 
     tokens = TokenSet.from_features(torch.randn(1, 36, 4), grid=(6, 6))
     with pytest.raises(ValueError, match="keeps at least 4 tokens"):
-        MustDropMerge(keep=3).select(tokens, 3)
+        MustDropMerge(keep=3, key_share=0).select(tokens, 3)
 
 
 def test_merge_then_filter_run_as_the_named_stages_together():

@@ -84,6 +84,11 @@ class Pipeline:
             elif stage.site.layer is not None and stage.site.kind in layer_counts:
                 stage.site = stage.site.resolved(layer_counts[stage.site.kind])
             stages.append(stage)
+        # a decoder too shallow for a named pyramid puts several of its stages at one layer: the last of them
+        # (the smallest budget) stays there
+        placed = [getattr(stage, DEPTH_SHARE, None) is not None for stage in stages]
+        stages = [stage for i, stage in enumerate(stages) if not placed[i] or not any(
+            placed[j] and stages[j].site == stage.site for j in range(i + 1, len(stages)))]
         return Pipeline(stages, self.keep)
 
     def check_budgets(self) -> None:
@@ -221,6 +226,7 @@ class Pipeline:
         chosen: list[torch.Tensor] = []
         remaining = torch.arange(n, device=device).expand(batch, n)
         result_keep: Keep | None = None
+        pins: torch.Tensor | None = None  # [B, n] the positions a stage sharing the site pinned
         for rank, (stage, k) in enumerate(zip(stages, budgets)):
             view = tokens if rank == 0 else tokens.take(remaining)
             start = clock(device)
@@ -237,6 +243,9 @@ class Pipeline:
                 result_keep = keep
                 break
             picked = remaining.gather(1, keep.indices)
+            if keep.pinned is not None:  # stages pick distinct positions: each one's pins go to its own
+                pins = (torch.zeros(batch, n, dtype=torch.bool, device=device) if pins is None else pins)
+                pins = pins.scatter(1, picked, keep.pinned)
             chosen.append(picked)
             left = torch.ones(batch, n, dtype=torch.bool, device=device)
             for p in chosen:
@@ -244,6 +253,8 @@ class Pipeline:
             remaining = left.nonzero()[:, 1].view(batch, -1)
         if result_keep is None:
             result_keep = Keep(indices=torch.cat(chosen, dim=1).sort(dim=1).values)
+        if pins is not None:
+            result_keep.pinned = pins.gather(1, result_keep.indices)
         return tokens.apply(result_keep), result_keep
 
     def describe(self) -> str:
@@ -265,6 +276,9 @@ def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
         raise RuntimeError(f"stage {stage} returned positions that are not strictly ascending")
     if keep.features is not None and keep.features.shape[:2] != idx.shape:
         raise RuntimeError(f"stage {stage} returned merged features not matching its {k} kept tokens")
+    if keep.pinned is not None and (keep.pinned.shape != idx.shape or keep.pinned.dtype != torch.bool):
+        raise RuntimeError(f"stage {stage} returned pins of shape {tuple(keep.pinned.shape)} ({keep.pinned.dtype}); "
+                           f"expected {tuple(idx.shape)} bool, one per kept token")
 
 
 def _missing_budget(stage: Stage, site: Site) -> str:

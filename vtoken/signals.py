@@ -36,6 +36,9 @@ DECODE_ATTN = "decode_attn"
 ENCODER_ATTN = "encoder_attn"
 #: the language model's input embeddings of the text after a row's last visual token (the instruction)
 PROMPT_TEXT = "prompt_text"
+#: ``[B, N]`` bool: the tokens an earlier site's stage pinned (``Keep.pinned``, e.g. MustDrop's key set), carried
+#: with the tokens from the projector into the decoder; a stage that asks for it decides what pins mean to it
+PINNED = "pinned"
 
 DESCRIPTIONS = {
     CLS_ATTN: "[CLS] attention",
@@ -50,6 +53,7 @@ DESCRIPTIONS = {
     DECODE_ATTN: "the new token's attention to the cached visual entries",
     ENCODER_ATTN: "attention received in encoder layers",
     PROMPT_TEXT: "embeddings of the prompt text after the image",
+    PINNED: "tokens an earlier site pinned",
 }
 
 VISION = frozenset({CLS_ATTN, MLP_SHIFT})

@@ -37,6 +37,9 @@ class TokenSet:
               gathered together with the tokens.
     context:  per-unit data that is not per token (e.g. text-token hidden states ``[B, T, D]``).
     units:    how many budget units (images) each row holds; a per-image budget is multiplied by it.
+    pinned:   ``[B, N]`` bool, tokens an earlier stage pinned (``Keep.pinned``): gathered with the tokens, a
+              merged token pinned when any of its members was; sites hand them to the stages that ask for
+              the ``pinned`` signal (None: nothing pinned).
     """
 
     features: Tensor
@@ -47,6 +50,7 @@ class TokenSet:
     context: dict[str, Tensor] = field(default_factory=dict)
     units: int = 1
     layout: tuple[int, int, int] | None = None
+    pinned: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None and len(self.grid) == 3:  # a clip's (t, h, w): see the docstring
@@ -97,11 +101,13 @@ class TokenSet:
             grid=None,
             weights=None if self.weights is None else self.weights.gather(1, positions),
             signals={name: gather_tokens(value, positions) for name, value in self.signals.items()},
+            pinned=None if self.pinned is None else self.pinned.gather(1, positions),
         )
 
     def apply(self, keep: "Keep") -> "TokenSet":
         """The TokenSet after ``keep``: kept tokens, or merged tokens for a merging stage."""
         kept = self.take(keep.indices)
+        kept.pinned = carried_pins(self.pinned, kept.pinned, keep)
         if keep.features is None:
             return kept
         weights = kept.weights
@@ -141,16 +147,39 @@ class Keep:
     assign:   ``[B, N]`` for merging stages, the slot 0..K-1 each input token was merged into
               (-1 = dropped); None for pure selection.
     grid:     the grid the kept tokens form, when they still form one (spatial pooling).
+    pinned:   ``[B, K]`` bool, kept tokens the stage pins: later sites offer them to the stages that ask
+              for the ``pinned`` signal (MustDrop's key set: its filter never drops them); None: no pins.
     """
 
     indices: Tensor
     features: Tensor | None = None
     assign: Tensor | None = None
     grid: tuple[int, int] | None = None
+    pinned: Tensor | None = None
 
     @property
     def num_kept(self) -> int:
         return self.indices.shape[1]
+
+
+def carried_pins(before: Tensor | None, gathered: Tensor | None, keep: "Keep") -> Tensor | None:
+    """``[B, K]`` pins after ``keep``: the pins the kept tokens carried (``gathered``; for a merge, any member's
+    of ``before``) and the ones the stage sets itself."""
+    pins = gathered
+    if before is not None and keep.assign is not None:
+        pins = torch.zeros(keep.indices.shape, dtype=torch.long, device=before.device).scatter_add_(
+            1, keep.assign.clamp(min=0), (before & (keep.assign >= 0)).long()) > 0
+    if keep.pinned is not None:
+        pins = keep.pinned if pins is None else pins | keep.pinned
+    return pins
+
+
+def pinned_at(pinned: Tensor | None, copies: int, index: Tensor) -> Tensor:
+    """``[B, L']`` pins at ``index``, positions into the rows of ``pinned`` ``[B0, L]`` each repeated ``copies``
+    times (as generate expands a batch for beams); all False when nothing is pinned."""
+    if pinned is None:
+        return torch.zeros_like(index, dtype=torch.bool)
+    return pinned.repeat_interleave(copies, dim=0).gather(1, index)
 
 
 def gather_tokens(values: Tensor, positions: Tensor) -> Tensor:

@@ -15,21 +15,30 @@ Where vtoken differs, and why:
   needed, and the next window merges only as many of its tokens as the remainder asks (those most similar
   to the rest of the window). Fewer tokens than windows cannot be reached and are refused.
 - Grids not divisible by ``window`` keep their smaller edge windows (the code asserts divisibility).
-- The key-token set (top 8 % by [CLS] attention in the last encoder layer, protected from later stages)
-  is not built.
+
+Key-token set (the code: after the last CLIP layer, the ``ceil(0.08 * n)`` of the n merged tokens with the
+most [CLS] attention in that layer, mean over heads; the prefill filter never drops them): this stage pins
+the ``ceil(key_share * k)`` of its k output tokens with the most ``cls_attn`` of encoder layer
+``key_layer`` (default -1, the last, as the code), a merged token scoring the patch-weighted mean of its
+members' attention (the code's merged token is one key in that layer, attended about as much as each of
+the similar keys it replaces). The pins ride with the tokens into the decoder (``Keep.pinned``, the
+``pinned`` signal); ``mustdrop_filter`` keeps them first. vtoken's [CLS] row is computed on the unmerged
+patches (the merge runs after the tower here), which the code computes on the merged sequence.
+``key_share=0`` pins nothing and asks for no signal.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..registry import register_stage
-from ..tokens import NO_GRID, Keep, TokenSet
-from .base import Stage
+from ..tokens import NO_GRID, Keep, TokenSet, sorted_topk
+from .base import Stage, check_encoder_layers
 
 
 def windows_of(h: int, w: int, size: int) -> list[list[int]]:
@@ -70,6 +79,11 @@ def merge_groups(x: Tensor, windows: list[list[int]], reduce: int) -> list[list[
 @dataclass
 class MustDropMerge(Stage):
     window: int = field(default=3, metadata={"help": "side of the square windows whose tokens merge (authors' 3)"})
+    key_share: float = field(default=0.08, metadata={
+        "help": "share of the output tokens pinned as the key set, by [CLS] attention (authors' 0.08; 0: none)"})
+    key_layer: int = field(default=-1, metadata={
+        "help": "encoder layer (from 1, negative from the end) whose [CLS] attention ranks the key set (authors': "
+                "the last)"})
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
     merging: ClassVar[bool] = True
@@ -79,6 +93,14 @@ class MustDropMerge(Stage):
         super().__post_init__()
         if self.window < 2:
             raise ValueError(f"mustdrop_merge.window must be >= 2; got {self.window!r}")
+        if isinstance(self.key_share, bool) or not isinstance(self.key_share, (int, float)) \
+                or not 0.0 <= self.key_share <= 1.0:
+            raise ValueError(f"mustdrop_merge.key_share={self.key_share!r}; accepted: a float in [0, 1] "
+                             "(0: no key set)")
+        check_encoder_layers(self, ("key_layer",))
+
+    def signals(self) -> dict[str, Any]:
+        return {"cls_attn": {"layers": (self.key_layer,)}} if self.key_share > 0 else {}
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         if tokens.grid is None:
@@ -99,4 +121,16 @@ class MustDropMerge(Stage):
         summed = torch.zeros(batch, k, dim, dtype=tokens.features.dtype, device=tokens.features.device)
         summed.scatter_add_(1, assign[..., None].expand(-1, -1, dim), tokens.features * weights[..., None])
         mass = torch.zeros(batch, k, dtype=weights.dtype, device=weights.device).scatter_add_(1, assign, weights)
-        return Keep(indices=indices, features=summed / mass[..., None], assign=assign)
+        return Keep(indices=indices, features=summed / mass[..., None], assign=assign,
+                    pinned=self._key_set(tokens, assign, k))
+
+    def _key_set(self, tokens: TokenSet, assign: Tensor, k: int) -> Tensor | None:
+        """``[B, k]`` the output tokens with the most [CLS] attention (a merged one: its members' weighted mean)."""
+        if self.key_share == 0:
+            return None
+        weights = tokens.token_weights().float()
+        attention = tokens.signals["cls_attn"].float() * weights
+        score = torch.zeros(tokens.batch_size, k, device=assign.device).scatter_add_(1, assign, attention)
+        score /= torch.zeros_like(score).scatter_add_(1, assign, weights)
+        top = sorted_topk(score, math.ceil(self.key_share * k))
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
