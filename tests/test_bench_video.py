@@ -44,6 +44,7 @@ def test_every_method_reports_its_tokens_oracle_speedup_and_decode_speed(result)
     clip = 4 * 16  # 8 frames of 8 x 8 patches: 4 temporal patches of 4 x 4 merged tokens
     assert result["video_frames"] == 8 and result["visual_tokens_per_sample"] == clip
     assert "8-frame video" in result["model"] and "--video-frames 8" in result["command"]
+    assert "video" not in result["command"].split("--model ")[1].split(" --")[0], "the model name stays the model's"
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["none"]["visual_tokens"] == clip
     for method in METHODS:

@@ -49,8 +49,6 @@ def run_bench(
     model, model_name = load_model(model, arch, random_init, depth_scale, torch_dtype, device, attn_implementation,
                                    seed)
     work = workload(model, text_tokens, batch_size, seed, device, torch_dtype, video_frames=video_frames)
-    if video_frames is not None:
-        model_name += f", {video_frames}-frame video"
     grid = method_grid(methods, budgets)
     for spec, keep in grid:  # a method the model cannot take fails before the long part
         with vtoken.wrapped(model, spec.method, keep=keep, **spec.options):
@@ -71,7 +69,8 @@ def run_bench(
     result = {
         "command": command or _api_command(model_name, methods, budgets, runs, warmup, decode_tokens, text_tokens,
                                            batch_size, seed, device, torch_dtype, threads, out, video_frames),
-        "model": model_name, "random_init": bool(arch), "depth_scale": depth_scale if arch else 1.0,
+        "model": model_name + (f", {video_frames}-frame video" if video_frames is not None else ""),
+        "random_init": bool(arch), "depth_scale": depth_scale if arch else 1.0,
         **run_facts(model, device, torch_dtype), "attn_implementation": attn_implementation,
         "max_spread": max_spread, "generate_runs": generate_runs,
         "text_tokens": work.text_tokens, "visual_tokens_per_image": work.counts.tokens,
