@@ -352,9 +352,11 @@ class DecoderSites(SiteHooks):
         kept_record = stats.kept.setdefault(str(site), [None] * batch)
         for rows, _, keep in run_in_groups(self.pipeline, site, keys, stacked, stats, scoring):
             rows_t = torch.tensor(rows, device=device)
-            stay[rows_t[:, None], positions_of(visual[rows_t]).gather(1, keep.indices)] = True
+            # an adaptive stage's padding entries (after each row's count) stay dropped
+            stay[rows_t[:, None], positions_of(visual[rows_t]).gather(1, keep.indices)] = keep.live()
+            counts = keep.kept_counts().tolist()
             for g, row in enumerate(rows):
-                kept_record[row] = keep.indices[g]
+                kept_record[row] = keep.indices[g, :counts[g]]
             if keep.assign is not None:
                 targets[rows_t] = merge_targets(length, positions_of(visual[rows_t]), keep)
         if targets is not None and bool((targets >= 0).any()):

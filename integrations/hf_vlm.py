@@ -385,9 +385,10 @@ class HFVisionLanguage(Integration):
         merged_record: list[Tensor | None] = [None] * len(units)
         for members, after, keep in run_in_groups(self.pipeline, site, keys, stacked, stats, encoded.scoring_seconds,
                                                   total=lambda key: key[2]):
+            counts = keep.kept_counts().tolist()  # an adaptive stage keeps a different count per unit
             for row, i in enumerate(members):
-                result[i] = (after.features[row], after.index[row])
-                kept_record[i] = after.index[row]
+                result[i] = (after.features[row, :counts[row]], after.index[row, :counts[row]])
+                kept_record[i] = after.index[row, :counts[row]]
                 merged_record[i] = None if keep.assign is None else keep.assign[row]
                 if pins is not None and after.pinned is not None:  # ``pins``: (unit, block slots) pinned here
                     pins.append((i, after.index[row][after.pinned[row]]))

@@ -22,6 +22,15 @@ from .tokens import Keep, TokenSet
 
 #: the attribute a named pipeline sets on a stage whose site layer is a share of the model's depth
 DEPTH_SHARE = "_vtoken_depth_share"
+#: site kinds where rows may keep different counts (an adaptive stage's Keep.counts): the projector trims each
+#: image's features, llm(K) fills short rows with dead slots; inside an encoder batch every row must stay as long
+ADAPTIVE_SITE_KINDS = ("projector", "llm")
+
+
+def is_adaptive(stage: Stage) -> bool:
+    """True for a stage that may keep fewer than its budget, a different count per image (its Keep has
+    ``counts``); such a stage sets ``adaptive`` (e.g. a property that is False under ``exact=True``)."""
+    return bool(getattr(stage, "adaptive", False))
 
 
 class Pipeline:
@@ -52,6 +61,14 @@ class Pipeline:
                     f"stages {names} share {site}, but merging or fixed-ratio stages must run alone at a site; "
                     "put them at different sites"
                 )
+            for rank, stage in enumerate(at_site):
+                if is_adaptive(stage) and rank != len(at_site) - 1:
+                    raise ValueError(f"{stage.name} at {site} keeps a different count per image, so it must be the "
+                                     "last stage at its site (the stages before it commit fixed shares); move it last")
+                if is_adaptive(stage) and site.kind not in ADAPTIVE_SITE_KINDS:
+                    raise ValueError(f"{stage.name} keeps a different count per image, which {site} cannot carry "
+                                     "(every row of an encoder batch stays as long); run it at the projector or "
+                                     "llm(K), or pass exact=True to keep exactly the budget")
 
     @property
     def sites(self) -> list[Site]:
@@ -173,10 +190,29 @@ class Pipeline:
             return None
         return self._site_budget(site)
 
+    def after_adaptive(self, site: Site) -> bool:
+        """True when an adaptive stage runs at a site before ``site``: what reaches ``site`` may then be
+        fewer tokens than its budget, and the budget is capped at what is there instead of refused."""
+        return any(is_adaptive(stage) for stage in self.stages if Site.sort_key(stage.site) < Site.sort_key(site))
+
     def stage_budgets(self, site: Site, num_tokens: int, units: int, grid: tuple[int, int] | None = None,
                       total: int | None = None) -> list[int]:
         """Tokens each stage at ``site`` keeps (commits) out of ``num_tokens`` held by ``units`` images.
-        ``total`` replaces the site's budget when an integration has already split it (e.g. over views)."""
+        ``total`` replaces the site's budget when an integration has already split it (e.g. over views).
+        After an adaptive stage (``after_adaptive``) a row may hold fewer tokens than the budget: the budget
+        is then capped at the tokens there (the last stages give up the difference), never refused."""
+        budgets = self._stage_budgets(site, num_tokens, units, grid, total)
+        if not self.after_adaptive(site):
+            return budgets
+        excess = sum(budgets) - num_tokens
+        for i in reversed(range(len(budgets))):
+            cut = min(max(excess, 0), budgets[i] - 1)
+            budgets[i] -= cut
+            excess -= cut
+        return budgets
+
+    def _stage_budgets(self, site: Site, num_tokens: int, units: int, grid: tuple[int, int] | None,
+                       total: int | None) -> list[int]:
         stages = self.stages_at(site)
         if len(stages) == 1 and not stages[0].budgeted:
             return [stages[0].output_count(num_tokens, grid)]
@@ -186,17 +222,18 @@ class Pipeline:
             keep = total if total is not None else self.site_keep(site)
             if keep is None:
                 raise ValueError(_missing_budget(stages[0], site))
-            return [resolve_keep(keep, num_tokens, units, f"keep of {stages[0].name} at {site}")]
+            return [self._resolve(site, keep, num_tokens, units, f"keep of {stages[0].name} at {site}")]
         if site_keep is None and len(explicit) < len(stages):
             missing = next(s for s in stages if s.keep is None)
             raise ValueError(_missing_budget(missing, site))
         committed = {
-            i: resolve_keep(k, num_tokens, units, f"keep of {stages[i].name} at {site}") for i, k in explicit.items()
+            i: self._resolve(site, k, num_tokens, units, f"keep of {stages[i].name} at {site}")
+            for i, k in explicit.items()
         }
         if len(committed) == len(stages):
             budgets = [committed[i] for i in range(len(stages))]
         else:
-            total = resolve_keep(site_keep, num_tokens, units, f"keep at {site}")
+            total = self._resolve(site, site_keep, num_tokens, units, f"keep at {site}")
             rest = total - sum(committed.values())
             implicit = [i for i in range(len(stages)) if i not in committed]
             if rest < len(implicit):
@@ -209,9 +246,16 @@ class Pipeline:
                 # the remainder goes to the last stages, so the first one commits the plain share
                 committed[i] = share + (1 if rank >= len(implicit) - extra else 0)
             budgets = [committed[i] for i in range(len(stages))]
-        if sum(budgets) > num_tokens:
+        if sum(budgets) > num_tokens and not self.after_adaptive(site):
             raise ValueError(f"stages at {site} keep {sum(budgets)} tokens in all, more than the {num_tokens} there")
         return budgets
+
+    def _resolve(self, site: Site, keep: int | float, num_tokens: int, units: int, where: str) -> int:
+        """``resolve_keep``, except that after an adaptive stage an int budget above the tokens there is kept
+        as it is (``stage_budgets`` caps it) instead of refused."""
+        if isinstance(keep, int) and self.after_adaptive(site):
+            return resolve_keep(keep, max(num_tokens, keep * units), units, where)
+        return resolve_keep(keep, num_tokens, units, where)
 
     def run(
         self, site: Site, tokens: TokenSet, stats: Stats | None = None, scoring_seconds: float = 0.0,
@@ -236,7 +280,7 @@ class Pipeline:
             if stats is not None:
                 stats.add(StageRecord(
                     stage=stage.name, site=str(site), tokens_in=view.num_tokens // max(tokens.units, 1),
-                    tokens_out=keep.num_kept // max(tokens.units, 1),
+                    tokens_out=kept_per_unit(keep, tokens.units),
                     scoring_ms=1000 * scoring_seconds if rank == 0 else 0.0, select_ms=1000 * seconds,
                 ))
             if len(stages) == 1:
@@ -246,13 +290,14 @@ class Pipeline:
             if keep.pinned is not None:  # stages pick distinct positions: each one's pins go to its own
                 pins = (torch.zeros(batch, n, dtype=torch.bool, device=device) if pins is None else pins)
                 pins = pins.scatter(1, picked, keep.pinned)
+            if rank == len(stages) - 1:
+                result_keep = _union(chosen, picked, keep, n)
+                break
             chosen.append(picked)
             left = torch.ones(batch, n, dtype=torch.bool, device=device)
             for p in chosen:
                 left.scatter_(1, p, False)
             remaining = left.nonzero()[:, 1].view(batch, -1)
-        if result_keep is None:
-            result_keep = Keep(indices=torch.cat(chosen, dim=1).sort(dim=1).values)
         if pins is not None:
             result_keep.pinned = pins.gather(1, result_keep.indices)
         return tokens.apply(result_keep), result_keep
@@ -264,15 +309,54 @@ class Pipeline:
         return f"Pipeline([{self.describe()}], keep={self.keep!r})"
 
 
+def _union(chosen: list[torch.Tensor], picked: torch.Tensor, last: Keep, n: int) -> Keep:
+    """The site's Keep from the positions the committing stages chose and the last stage's ``picked``
+    (its Keep ``last``, positions into the site's tokens): ascending, an adaptive last stage's padding after
+    the kept entries, so the site keeps its count per row."""
+    batch = picked.shape[0]
+    if last.counts is None:
+        return Keep(indices=torch.cat([*chosen, picked], dim=1).sort(dim=1).values)
+    live = last.live()
+    kept = torch.zeros(batch, n, dtype=torch.bool, device=picked.device)
+    for positions in chosen:
+        kept.scatter_(1, positions, True)
+    kept.scatter_(1, picked, live)  # picked holds unique positions, none of them chosen before
+    position = torch.arange(n, device=picked.device).expand(batch, n)
+    padding = torch.zeros_like(kept).scatter_(1, picked, ~live)
+    rank = torch.where(kept, position, torch.where(padding, n + position, 2 * n + position))
+    width = sum(p.shape[1] for p in chosen) + picked.shape[1]
+    return Keep(indices=rank.argsort(dim=1)[:, :width], counts=kept.sum(dim=1))
+
+
+def kept_per_unit(keep: Keep, units: int) -> int | float:
+    """Tokens kept per budget unit: an int, or for an adaptive Keep the mean over its rows (2 decimals)."""
+    if keep.counts is None:
+        return keep.num_kept // max(units, 1)
+    return round(keep.counts.float().mean().item() / max(units, 1), 2)
+
+
 def check_keep(keep: Keep, tokens: TokenSet, k: int, stage: str) -> None:
-    """A stage's Keep must hold exactly k sorted, unique, in-range positions per row."""
+    """A stage's Keep must hold exactly k unique, in-range positions per row, ascending; an adaptive
+    Keep's ``counts`` must be in 1..k and only each row's first ``counts`` entries (the kept ones) ascending."""
     idx = keep.indices
     if idx.shape != (tokens.batch_size, k):
         raise RuntimeError(f"stage {stage} returned indices of shape {tuple(idx.shape)}; "
                            f"expected {(tokens.batch_size, k)}")
     if k and (idx.min() < 0 or idx.max() >= tokens.num_tokens):
         raise RuntimeError(f"stage {stage} returned positions outside 0..{tokens.num_tokens - 1}")
-    if k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+    if keep.counts is not None:
+        counts = keep.counts
+        if counts.shape != (tokens.batch_size,) or counts.dtype != torch.long:
+            raise RuntimeError(f"stage {stage} returned counts of shape {tuple(counts.shape)} ({counts.dtype}); "
+                               f"expected ({tokens.batch_size},) long")
+        if k and (int(counts.min()) < 1 or int(counts.max()) > k):
+            raise RuntimeError(f"stage {stage} returned counts outside 1..{k}")
+        ordered = idx.sort(dim=1).values
+        if k > 1 and not bool((ordered[:, 1:] > ordered[:, :-1]).all()):
+            raise RuntimeError(f"stage {stage} returned a position twice in a row")
+        if k > 1 and not bool(((idx[:, 1:] > idx[:, :-1]) | ~keep.live()[:, 1:]).all()):
+            raise RuntimeError(f"stage {stage} returned kept positions that are not strictly ascending")
+    elif k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
         raise RuntimeError(f"stage {stage} returned positions that are not strictly ascending")
     if keep.features is not None and keep.features.shape[:2] != idx.shape:
         raise RuntimeError(f"stage {stage} returned merged features not matching its {k} kept tokens")

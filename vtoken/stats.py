@@ -14,13 +14,14 @@ class StageRecord:
 
     tokens_in / tokens_out are per budget unit (per image; per sample at an llm site without images
     counted), scoring_ms is the time the integration spent computing the stage's signals, select_ms
-    the time of the selection itself.
+    the time of the selection itself. An adaptive stage (a different count per image) reports as
+    tokens_out the mean kept per unit over the rows it selected together, a float (2 decimals).
     """
 
     stage: str
     site: str
     tokens_in: int
-    tokens_out: int
+    tokens_out: int | float
     scoring_ms: float = 0.0
     select_ms: float = 0.0
     calls: int = 1

@@ -147,6 +147,9 @@ class Keep:
     assign:   ``[B, N]`` for merging stages, the slot 0..K-1 each input token was merged into
               (-1 = dropped); None for pure selection.
     grid:     the grid the kept tokens form, when they still form one (spatial pooling).
+    counts:   ``[B]`` (long) for an adaptive stage, which keeps a different number per row: row b keeps
+              only its first ``counts[b]`` entries of ``indices`` (ascending); the entries after them are
+              padding, other unique positions of the row that every site ignores. None: all K are kept.
     pinned:   ``[B, K]`` bool, kept tokens the stage pins: later sites offer them to the stages that ask
               for the ``pinned`` signal (MustDrop's key set: its filter never drops them); None: no pins.
     """
@@ -155,11 +158,35 @@ class Keep:
     features: Tensor | None = None
     assign: Tensor | None = None
     grid: tuple[int, int] | None = None
+    counts: Tensor | None = None
     pinned: Tensor | None = None
 
     @property
     def num_kept(self) -> int:
         return self.indices.shape[1]
+
+    def kept_counts(self) -> Tensor:
+        """``[B]`` how many entries of each row are kept (K everywhere unless the stage is adaptive)."""
+        if self.counts is not None:
+            return self.counts
+        return torch.full(self.indices.shape[:1], self.num_kept, dtype=torch.long, device=self.indices.device)
+
+    def live(self) -> Tensor:
+        """``[B, K]`` True at the entries that are kept, False at an adaptive row's padding."""
+        slots = torch.arange(self.num_kept, device=self.indices.device)
+        return slots < self.kept_counts()[:, None]
+
+
+def adaptive_keep(order: Tensor, counts: Tensor, k: int) -> Keep:
+    """The Keep of an adaptive selection: ``order`` ``[B, N]`` ranks each row's positions best first, row b
+    keeps its best ``counts[b]`` (ascending), and the next ``k - counts[b]`` of the ranking are its padding
+    (ascending too), so the padded rows hold ``k`` unique positions and dropping ``counts`` gives the top k."""
+    rank = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    top = order[:, :k]
+    padding = rank[:, :k] >= counts[:, None]
+    # sort kept entries before padding, each part by position: key = position (+ N for padding)
+    key = top + padding.long() * order.shape[1]
+    return Keep(indices=top.gather(1, key.argsort(dim=1)), counts=counts)
 
 
 def carried_pins(before: Tensor | None, gathered: Tensor | None, keep: "Keep") -> Tensor | None:

@@ -29,7 +29,7 @@ from typing import Any
 from vtoken import signals
 from vtoken.api import build_pipeline
 from vtoken.budget import parse_budget
-from vtoken.pipeline import Pipeline
+from vtoken.pipeline import Pipeline, is_adaptive
 from vtoken.sites import Site
 
 #: the key of the model config (``--hf-overrides``) that holds the plan
@@ -100,6 +100,10 @@ def _check_servable(stage: Any) -> None:
     if kind != "projector":
         raise ValueError(f"{where}: the plugin prunes at the projector only (the server's vision tower is left as "
                          f"it is); drop the site to run it at the projector, or {SERVABLE}")
+    if is_adaptive(stage):
+        raise ValueError(f"{where}: it keeps a different count per image, known only when the model runs, but the "
+                         "server sizes each image's placeholders before; give it a fixed count (exact=True where it "
+                         f"has one), or {SERVABLE}")
     needs = set(stage.signals())
     if signals.PROMPT_TEXT in needs:
         raise ValueError(f"{where}: it is prompt-dependent, scoring the image's tokens against the prompt's text, "
