@@ -12,6 +12,7 @@ from .hiprune import HiPrune
 from .holitom import HoliTom
 from .holitom_inner import HoliTomLLM
 from .kcenter import KCenter
+from .longtail import LongTail
 from .mustdrop import MustDropFilter
 from .mustdrop_cache import MustDropCache
 from .mustdrop_merge import MustDropMerge
@@ -25,5 +26,5 @@ from .visionzip import VisionZip
 from .vscan import VScanScan
 
 __all__ = ["Stage", "CDPruner", "ClsAttn", "Dart", "DecodeTopK", "DyCoke", "DyCokeKV", "FastV", "HiPrune", "HoliTom",
-           "HoliTomLLM", "KCenter", "MustDropCache", "MustDropFilter", "MustDropMerge", "PixelShuffle", "Pool",
-           "RandomKeep", "RepShift", "SparseVLM", "TransPrune", "VisionZip", "VScanScan"]
+           "HoliTomLLM", "KCenter", "LongTail", "MustDropCache", "MustDropFilter", "MustDropMerge", "PixelShuffle",
+           "Pool", "RandomKeep", "RepShift", "SparseVLM", "TransPrune", "VisionZip", "VScanScan"]
