@@ -268,13 +268,43 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels,
                 "image_sizes": image_sizes.to(device), "batch_num_images": torch.ones(batch, dtype=torch.long)}
 
+    def synthetic_video_inputs(self, text_tokens: int, batch: int, seed: int, device: Any, dtype: Any,
+                               frames: int) -> dict[str, Any]:
+        """As ``synthetic_inputs`` with a clip of ``frames`` frames of the tower's square size in the image's
+        place (each pooled to ceil(side/2)^2 tokens, 14 x 14 = 196 for the 7B, and one newline after the
+        clip): one random scene, each frame it with a little noise and a moving band of new content."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"video_frames={frames!r}; accepted: an int >= 1, e.g. 8")
+        config = self.model.config
+        size = config.vision_config.image_size
+        pooled = (-(-(size // config.vision_config.patch_size) // 2)) ** 2
+        generator = torch.Generator().manual_seed(seed)
+        bos = getattr(config.text_config, "bos_token_id", None)
+        bos = 1 if bos is None else int(bos)
+        text = self.random_text_ids(int(config.text_config.vocab_size), text_tokens - 1, generator,
+                                    avoid=[self.image_token_id(), self.video_token_id(), bos])
+        ids = [bos] + text[:len(text) // 2] + [self.video_token_id()] * (frames * pooled + 1) + text[len(text) // 2:]
+        scene = torch.randn(3, size, size, generator=generator)
+        clip = scene + 0.05 * torch.randn(frames, 3, size, size, generator=generator)
+        band = size // 4
+        for frame in range(frames):
+            top = frame * band % (size - band + 1)
+            clip[frame, :, top:top + band] = torch.randn(3, band, size, generator=generator)
+        input_ids = torch.tensor([ids] * batch, device=device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values_videos": clip.repeat(batch, 1, 1, 1, 1).to(device=device, dtype=dtype)}
+
     def visual_counts(self, inputs: dict[str, Any]) -> VisualCounts:
         """Row 0's images (all of one size, as the bench makes them): the tower sees every view's patches,
-        the language model the packed placeholders (newlines included)."""
-        if inputs.get("pixel_values_videos") is not None or inputs.get("pixel_values") is None:
-            raise NotImplementedError(f"visual counts for {self.family} cover images only, not videos")
+        the language model the packed placeholders (newlines included). A sample of one clip (no images):
+        each frame counts as an image of its pooled tokens (the clip's one newline is left to the text)."""
         config = self.model.config
         side = config.vision_config.image_size // config.vision_config.patch_size
+        videos = inputs.get("pixel_values_videos")
+        if videos is not None and inputs.get("pixel_values") is None:
+            return VisualCounts(images=int(videos.shape[1]), patches=side * side, tokens=(-(-side // 2)) ** 2)
+        if videos is not None or inputs.get("pixel_values") is None:
+            raise NotImplementedError(f"visual counts for {self.family} cover images or one clip, not both")
         per_row = inputs.get("batch_num_images")
         images = 1 if per_row is None else int(per_row[0])
         views = self._views_per_image(inputs["image_sizes"][:images], per_row[:1] if per_row is not None else None)
@@ -284,6 +314,11 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
     def run_vision(self, inputs: dict[str, Any]) -> Any:
         config = self.model.config
         with torch.no_grad():
+            if inputs.get("pixel_values") is None and inputs.get("pixel_values_videos") is not None:
+                return self.model.model.get_video_features(
+                    pixel_values_videos=inputs["pixel_values_videos"], vision_feature_layer=config.vision_feature_layer,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
+                ).pooler_output
             return self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                 batch_num_images=inputs.get("batch_num_images"), vision_feature_layer=config.vision_feature_layer,

@@ -70,3 +70,25 @@ def test_the_command_line_takes_and_repeats_video_frames():
         ["bench", "--arch", "qwen2.5-vl-7b", "--random-init", "--depth-scale", "1/8", "--video-frames", "32",
          "--methods", "dycoke,holitom_full", "--budgets", "0.25"]))
     assert args.video_frames == 32 and "--video-frames 32" in command_line(args)
+
+
+def test_llava_onevision_gives_a_clip_its_counts_and_vision_part():
+    """A clip of base views, each pooled to ceil(side/2)^2 tokens, and one newline after the clip."""
+    from tiny_models import OV_SIDE, tiny_llava_onevision
+
+    model = tiny_llava_onevision()
+    family = Integration.for_model(model)
+    inputs = family.synthetic_video_inputs(8, 2, 0, "cpu", torch.float32, frames=3)
+    pooled = (-(-OV_SIDE // 2)) ** 2
+    assert inputs["pixel_values_videos"].shape[:2] == (2, 3)
+    assert int((inputs["input_ids"][0] == model.config.video_token_id).sum()) == 3 * pooled + 1
+    counts = family.visual_counts(inputs)
+    assert (counts.images, counts.patches, counts.tokens) == (3, OV_SIDE * OV_SIDE, pooled)
+    features = family.run_vision(inputs)
+    assert sum(f.shape[0] for f in features) == 2 * (3 * pooled + 1)
+    with torch.no_grad():
+        model(**inputs)
+    result = bench.run_bench(model, methods=["holitom_full"], budgets=[0.5], runs=1, warmup=0, decode_tokens=1,
+                             generate_runs=1, text_tokens=8, out=None, progress=False, video_frames=3)
+    row = result["rows"][1]
+    assert row["visual_tokens_last"] <= 3 * pooled // 2 + 1 and row["oracle_ms"] > 0

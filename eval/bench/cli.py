@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--methods", default=None, type=_method_list,
                       help="comma-separated methods; 'a+b' pipelines; 'method@site' sets the site, e.g. "
                            f"dart@llm(2) (default: {','.join(DEFAULT_METHODS)}; with --scaling kcenter,"
-                           "dart@llm(2) on GPU, kcenter,dart on CPU)")
+                           "kcenter@vision(3),dart@llm(2) on GPU, kcenter,dart on CPU)")
     grid.add_argument("--budgets", default=None, type=_budget_list,
                       help="comma-separated visual tokens kept per image (int >= 1) or fractions in (0, 1] "
                            f"(default: {','.join(map(str, DEFAULT_BUDGETS))}; with --scaling {SCALING_KEEP})")
@@ -64,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="text tokens of the synthetic prompt (besides the image placeholders)")
     grid.add_argument("--video-frames", type=int_at_least(2), default=None,
                       help="a synthetic video clip of this many frames in each sample instead of the image "
-                           "(Qwen2-VL, Qwen2.5-VL: frames of 112 x 112 px, 16 tokens per pair of frames, 256 "
-                           "for 32 frames, a few minutes on 2 CPU cores), for temporal methods such as dycoke, "
-                           "holitom, holitom_full; budgets are per clip")
+                           "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL: frames of 112 x 112 px, 16 tokens per pair of frames, "
+                           "256 for 32 frames, a few minutes on 2 CPU cores; LLaVA-OneVision: the tower's size, "
+                           "196 tokens a frame for the 7B), for temporal methods such as dycoke, holitom, "
+                           "holitom_full; budgets are per clip")
     grid.add_argument("--batch-size", type=int_at_least(1), default=1,
                       help="samples per batch (the same prompt repeated)")
     grid.add_argument("--seed", type=int, default=0)

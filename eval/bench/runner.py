@@ -121,7 +121,7 @@ def workload(model: Any, text_tokens: int, batch_size: int, seed: int, device: t
         make = getattr(family, "synthetic_video_inputs", None)
         if make is None:
             raise NotImplementedError(f"the {family.family} integration gives no synthetic video clip for the "
-                                      "bench (--video-frames); Qwen2-VL and Qwen2.5-VL do")
+                                      "bench (--video-frames); Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision do")
         inputs = make(text_tokens, batch_size, seed, device, dtype, frames=video_frames)
     return Workload(model=model, family=family, inputs=inputs, counts=family.visual_counts(inputs),
                     dims=family.model_dims(), device=device)
