@@ -156,6 +156,17 @@ def test_wrap_refuses_adaptive_stages_where_counts_cannot_work():
         vtoken.wrap(model, "longtail", keep=8, site="vision(1)")
 
 
+def test_counts_from_a_stage_not_declared_adaptive_are_refused_where_they_cannot_work():
+    class Undeclared(LongTail):  # returns counts, but says it is not adaptive
+        adaptive = False
+
+    tokens = tokens_with(torch.rand(2, 30) ** 8)
+    for pipeline, site in ((Pipeline([Undeclared(site="vision(1)")], keep=10), "vision(1)"),
+                           (Pipeline([Undeclared(keep=5), KCenter()], keep=10), "projector")):
+        with pytest.raises(RuntimeError, match="returned per-row counts"):
+            pipeline.run(Site.parse(site), tokens)
+
+
 def test_a_server_refuses_an_adaptive_stage():
     from vtoken.serving.plan import parse_plan
 

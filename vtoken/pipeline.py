@@ -277,6 +277,10 @@ class Pipeline:
             keep = stage.select(view, k)
             seconds = clock(device) - start
             check_keep(keep, view, k, stage.name)
+            if keep.counts is not None and (site.kind not in ADAPTIVE_SITE_KINDS or rank != len(stages) - 1):
+                raise RuntimeError(f"stage {stage.name} returned per-row counts at {site}, where every row keeps its "
+                                   "budget (an encoder batch, or a share committed before another stage); give the "
+                                   "stage adaptive = True so wrap refuses it there, or return no counts")
             if stats is not None:
                 stats.add(StageRecord(
                     stage=stage.name, site=str(site), tokens_in=view.num_tokens // max(tokens.units, 1),
