@@ -9,7 +9,7 @@ patch receives, as ``visionzip`` and ``cls_attn`` use there). Selection, per ima
 1. Sort the scores in descending order, s_0 >= s_1 >= ... >= s_{N-1}: the paper's observation is that this
    curve is long-tailed, a few tokens far more similar to [CLS] than the rest.
 2. The inflection point: on the curve normalised to the unit square (x_i = i / (N - 1),
-   y_i = (s_i - s_{N-1}) / (s_0 - s_{N-1})), the point farthest from the chord joining its two ends, i.e. the
+   y_i = (s_i - s_{N-1}) / (s_0 - s_{N-1})), the point farthest below the chord joining its two ends, i.e. the
    i maximising 1 - x_i - y_i (the first such i on ties; the "knee" of Kneedle, Satopaa et al. 2011).
 3. The image keeps the tokens of the head, ``i + 1`` of them, capped by ``k`` (the budget is an upper bound):
    ``counts = clamp(i + 1, 1, k)``. A curve with no point below its chord (flat, or bending the other way)
@@ -21,10 +21,11 @@ Where vtoken differs, and why:
 - The paper finds "the inflection point" of the curve without a formula in its abstract, and its body was not
   available to us; vtoken uses the maximum distance to the chord on the normalised curve, the usual definition
   of a curve's knee, so the budget does not depend on the scale of the scores.
-- Similarity is the [CLS] attention (the softmax of [CLS]'s query against each patch's key) rather than a
-  cosine of output features: the sites already compute that row without an attention map, and it is the same
-  [CLS]-to-patch similarity the long tail is observed in, up to a monotone map per image. On a model with no
-  [CLS] the received attention stands in for it.
+- Similarity is the [CLS] attention (per head the softmax of [CLS]'s query against each patch's key, then the
+  mean over heads), a query-key similarity, where the paper may compare [CLS] and patch features directly
+  (the abstract does not say which): every family already computes this row without an attention map, and
+  its sorted curve is long-tailed too (on the embedded scenes model the inflection point lies at 3 to 129
+  of 576 tokens). On a model with no [CLS] the received attention stands in for it.
 - The paper's second round of pruning inside the LLM (visual-text relevance) is not part of this stage:
   compose it, e.g. ``longtail+fastv@llm(2)``; a later site's budget is capped at what an image kept here.
 - ``keep`` caps the count so the stage runs under the same budgets as every other method; the paper's budget
