@@ -10,19 +10,22 @@
 #   3. 03_bench_llava-1.5-7b.log  vtoken bench, LLaVA-1.5-7B architecture at full depth, random init,
 #                                 bf16, budgets 64,128,192 (results.json/csv and plots in the folder
 #                                 03_bench_llava-1.5-7b/)
-#   4. 04_bench_qwen2.5-vl-7b.log the same for the Qwen2.5-VL-7B architecture (folder 04_bench_qwen2.5-vl-7b/).
-#                                 vtoken bench has no image-size option, so this runs the bench's default
-#                                 synthetic image (672 x 672 px when this script was written: 48 x 48
-#                                 patches, 576 visual tokens), not a 1,344 x 1,344 image (2,304 tokens).
+#   4. 04_bench_qwen2.5-vl-7b.log the same for the Qwen2.5-VL-7B architecture (folder 04_bench_qwen2.5-vl-7b/),
+#                                 on the bench's default synthetic image (576 visual tokens).
+#   5. 05_qwen2.5-vl-7b_1344.log  Qwen2.5-VL-7B at full depth with one 1,344 x 1,344 image (2,304 visual
+#                                 tokens, set through vtoken bench --scaling): kcenter before the LLM, inside
+#                                 the vision tower at a third of its depth (vision(11) of 32 blocks) and
+#                                 dart@llm(2), keep 0.25, each against its oracle (folder 05_qwen2.5-vl-7b_1344/).
 #   summary.txt                   the machine (nvidia-smi, Python, torch, CUDA, transformers, triton, git
 #                                 commit), then each step's status and wall time, then the overall result.
 # Each step log starts with the exact command it ran ("$ ...").
 #
-# Expected run time (an estimate until the first run): about 5 minutes on one H100/H200: kernel tests
+# Expected run time (an estimate until the first run): about 6.5 minutes on one H100/H200: kernel tests
 # ~1.5 min (mostly Triton compilation), kernel benchmark < 1 min, each vtoken bench ~1.5 min (of which
-# ~1 min builds the random 7B model on the CPU). Each step has a time limit in seconds, overridable:
-# LIMIT_KERNEL_TESTS=120, LIMIT_BENCH_KERNELS=60, LIMIT_BENCH_LLAVA=140, LIMIT_BENCH_QWEN=140, so the
-# whole run ends within 8 minutes; a step over its limit is stopped and counted as failed.
+# ~1 min builds the random 7B model on the CPU), the 1,344 x 1,344 run ~1.5 min. Each step has a time limit in
+# seconds, overridable: LIMIT_KERNEL_TESTS=100, LIMIT_BENCH_KERNELS=60, LIMIT_BENCH_LLAVA=110,
+# LIMIT_BENCH_QWEN=110, LIMIT_QWEN_1344=100, so the whole run ends within 8 minutes; a step over its limit is
+# stopped and counted as failed.
 # Needs: one CUDA GPU with >= 40 GB (a 7B model in bf16), ~40 GB of CPU memory (the model is built in
 # fp32 on the CPU before it moves to the GPU), and nothing from the internet (no weights, no data: the
 # models are random-weight architectures built from configs in the repository; HF_HUB_OFFLINE=1).
@@ -79,6 +82,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=
 
 METHODS='cls_attn,kcenter,dart,pool,random,fastv,dart@llm(2)'
 BUDGETS='64,128,192'
+METHODS_1344='kcenter,kcenter@vision(11),dart@llm(2)'
 summary="$out_dir/summary.txt"
 failed=0
 started_all=$(date +%s)
@@ -199,21 +203,26 @@ if [ "$dry_run" = 0 ]; then
 fi
 note "$(printf '%-22s %-12s %8s  %s' "step" "status" "wall" "file")"
 
-run_step kernel_tests "${LIMIT_KERNEL_TESTS:-120}" "$out_dir/01_kernel_tests.log" \
+run_step kernel_tests "${LIMIT_KERNEL_TESTS:-100}" "$out_dir/01_kernel_tests.log" \
   env TRITON_INTERPRET=0 VTOKEN_TEST_REQUIRE_CUDA=1 "$py" -m pytest tests/kernels -q -p no:cacheprovider
 
 run_step bench_kernels "${LIMIT_BENCH_KERNELS:-60}" "$out_dir/02_bench_kernels.log" \
   "$py" -m vtoken.eval.bench_kernels --dtype bf16 --runs 50 --require-gpu
 
-bench_step bench_llava-1.5-7b "${LIMIT_BENCH_LLAVA:-140}" "$out_dir/03_bench_llava-1.5-7b.log" \
+bench_step bench_llava-1.5-7b "${LIMIT_BENCH_LLAVA:-110}" "$out_dir/03_bench_llava-1.5-7b.log" \
   "$py" -m vtoken bench --arch llava-1.5-7b --random-init --depth-scale 1 --device cuda --dtype bf16 \
   --methods "$METHODS" --budgets "$BUDGETS" --runs 10 --warmup 2 --decode-tokens 32 --quiet \
   --out "$out_dir/03_bench_llava-1.5-7b"
 
-bench_step bench_qwen2.5-vl-7b "${LIMIT_BENCH_QWEN:-140}" "$out_dir/04_bench_qwen2.5-vl-7b.log" \
+bench_step bench_qwen2.5-vl-7b "${LIMIT_BENCH_QWEN:-110}" "$out_dir/04_bench_qwen2.5-vl-7b.log" \
   "$py" -m vtoken bench --arch qwen2.5-vl-7b --random-init --depth-scale 1 --device cuda --dtype bf16 \
   --methods "$METHODS" --budgets "$BUDGETS" --runs 10 --warmup 2 --decode-tokens 32 --quiet \
   --out "$out_dir/04_bench_qwen2.5-vl-7b"
+
+bench_step qwen2.5-vl-7b_1344 "${LIMIT_QWEN_1344:-100}" "$out_dir/05_qwen2.5-vl-7b_1344.log" \
+  "$py" -m vtoken bench --arch qwen2.5-vl-7b --random-init --depth-scale 1 --device cuda --dtype bf16 \
+  --scaling --scaling-tokens 2304 --scaling-batches 1 --methods "$METHODS_1344" --budgets 0.25 \
+  --runs 10 --warmup 2 --generate-runs 3 --decode-tokens 32 --quiet --out "$out_dir/05_qwen2.5-vl-7b_1344"
 
 if [ "$dry_run" = 1 ]; then
   exit 0

@@ -107,7 +107,8 @@ def test_cli_scaling_on_a_tiny_model_writes_table_json_csv_and_plot(tmp_path, ca
 
     tiny_qwen("2.5").save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    code = main(["bench", "--scaling", "--model", str(tmp_path / "model"), "--methods", "kcenter,dart@llm(2)",
+    code = main(["bench", "--scaling", "--model", str(tmp_path / "model"), "--methods",
+                 "kcenter,kcenter@vision(1),dart@llm(2)",
                  "--scaling-tokens", "12,24", "--scaling-batches", "1,2", "--runs", "1", "--warmup", "0",
                  "--decode-tokens", "1", "--text-tokens", "8", "--device", "cpu", "--out", str(out), "--quiet"])
     printed = capsys.readouterr().out
@@ -120,7 +121,8 @@ def test_cli_scaling_on_a_tiny_model_writes_table_json_csv_and_plot(tmp_path, ca
         assert reader.fieldnames == bench.SCALING_COLUMNS
         rows = list(reader)
     points = [(r["visual_tokens_per_image"], r["batch"], r["method"]) for r in rows]
-    assert points == [(t, b, m) for b in ("1", "2") for t in ("12", "24") for m in ("none", "kcenter", "dart@llm(2)")]
+    methods = ("none", "kcenter", "kcenter@vision(1)", "dart@llm(2)")
+    assert points == [(t, b, m) for b in ("1", "2") for t in ("12", "24") for m in methods]
     saved = json.loads((out / "scaling.json").read_text())
     assert saved["tokens"] == [12, 24] and saved["batches"] == [1, 2] and saved["keep"] == [0.25]
     assert {"cpu", "threads", "torch", "transformers", "device"} <= set(saved["machine"])
@@ -128,13 +130,17 @@ def test_cli_scaling_on_a_tiny_model_writes_table_json_csv_and_plot(tmp_path, ca
         if row["method"] == "none":
             assert row["peak_mem_mb"] > 0 and row["kv_cache_bytes"] > 0 and row["generate_tok_s"] > 0
             continue
-        full = row["visual_tokens_per_image"]  # kcenter keeps 1/4 before the LLM; dart@llm(2) at layer 2
+        # kcenter keeps 1/4 before the LLM or inside the tower (which has its oracle too); dart@llm(2) at layer 2
+        full = row["visual_tokens_per_image"]
         assert row["visual_tokens"] == (full if row["method"] == "dart@llm(2)" else full // 4)
         for column in PROMISED:
             assert row[column] is not None, (row["method"], column)
     kv = {(r["visual_tokens_per_image"], r["batch"], r["method"]): r["kv_cache_bytes"] for r in saved["rows"]}
     assert kv[(24, 1, "none")] > kv[(12, 1, "none")] and kv[(12, 2, "none")] == 2 * kv[(12, 1, "none")]
     assert kv[(24, 1, "kcenter")] < kv[(24, 1, "none")]
+    flops = {(r["visual_tokens_per_image"], r["batch"], r["method"]): r["gflops_total"] for r in saved["rows"]}
+    # the same kept count, but the tower's later blocks see only the kept tokens when pruned inside it
+    assert flops[(24, 1, "kcenter@vision(1)")] < flops[(24, 1, "kcenter")] < flops[(24, 1, "none")]
 
 
 def test_scaling_refuses_a_family_that_cannot_set_its_token_count():
@@ -158,7 +164,7 @@ def test_scaling_arguments_parse_and_take_the_device_defaults():
     gpu.device = "cuda"  # as parsed on a machine with CUDA
     resolve_defaults(gpu)
     assert (gpu.scaling_tokens, gpu.scaling_batches, gpu.depth_scale) == ("576,2880,5000,16000", "2", 0.25)
-    assert gpu.methods == "kcenter,dart@llm(2)" and gpu.max_spread == 2.0
+    assert gpu.methods == "kcenter,kcenter@vision(3),dart@llm(2)" and gpu.max_spread == 2.0
     plain = resolve_defaults(build_parser().parse_args(["bench"]))
     assert (plain.runs, plain.generate_runs, plain.depth_scale, plain.scaling) == (11, 3, 1.0, False)
 

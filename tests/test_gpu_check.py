@@ -21,6 +21,7 @@ STEPS = {  # step name -> its file in OUT_DIR
     "bench_kernels": "02_bench_kernels.log",
     "bench_llava-1.5-7b": "03_bench_llava-1.5-7b.log",
     "bench_qwen2.5-vl-7b": "04_bench_qwen2.5-vl-7b.log",
+    "qwen2.5-vl-7b_1344": "05_qwen2.5-vl-7b_1344.log",
 }
 METHODS = "cls_attn,kcenter,dart,pool,random,fastv,dart@llm(2)"
 
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 
 def run_script(*args: str, python: str = sys.executable, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+    # a guard against a hang, not a time check: on a busy 2-core machine the CPU-only run takes ~2 minutes
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHON=python, **env))
 
 
@@ -59,7 +61,7 @@ def test_header_states_run_time_and_what_travels():
     header = text[: text.index("set -u")]
     assert "Expected run time" in header and "8 minutes" in header
     assert "scripts/setup.sh dev" in header and "What must travel" in header
-    assert "no image-size option" in header  # the Qwen bench runs the default image, and says so
+    assert "1,344 x 1,344 image" in header  # the high-resolution step says what it runs
     assert "\nset -u -o pipefail\n" in text
 
 
@@ -122,6 +124,21 @@ def test_bench_arguments_parse(dry_run, monkeypatch, arch):
     assert args.out == str(out / STEPS[name].removesuffix(".log"))
 
 
+def test_the_1344_step_sweeps_one_high_resolution_image(dry_run, monkeypatch):
+    from vtoken.cli import build_parser
+    from vtoken.eval.bench.cli import resolve_defaults
+
+    out, commands, _ = dry_run
+    argv = commands["qwen2.5-vl-7b_1344"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = resolve_defaults(build_parser().parse_args(argv[3:]))
+    assert args.arch == "qwen2.5-vl-7b" and args.random_init and float(args.depth_scale) == 1.0 and args.scaling
+    assert args.scaling_tokens == "2304" and args.scaling_batches == "1"  # one 1,344 x 1,344 image: 48 x 48 tokens
+    # the same budget before the LLM and inside the tower at a third of its 32 blocks, each with its oracle
+    assert args.methods == "kcenter,kcenter@vision(11),dart@llm(2)" and args.budgets == "0.25"
+    assert args.out == str(out / STEPS["qwen2.5-vl-7b_1344"].removesuffix(".log"))
+
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Stands in for Python: answers the CUDA probe yes and fakes the GPU programs (the kernel benchmark fails,
 # the LLaVA bench hangs); anything else goes to the real Python.
@@ -149,7 +166,7 @@ def test_a_run_continues_past_failed_steps_and_fails_at_the_end(tmp_path):
     status = {line.split()[0]: line.split()[1] for line in summary.splitlines() if line.split()[:1]
               and line.split()[0] in STEPS}
     assert status == {"kernel_tests": "ok", "bench_kernels": "FAILED(3)", "bench_llava-1.5-7b": "TIMEOUT",
-                      "bench_qwen2.5-vl-7b": "ok"}
+                      "bench_qwen2.5-vl-7b": "ok", "qwen2.5-vl-7b_1344": "ok"}
     assert "torch " + torch.__version__ in summary  # the machine section
     assert "nvidia-smi" in summary and "total wall time" in summary and "result: FAILED" in summary
     qwen_log = (out / STEPS["bench_qwen2.5-vl-7b"]).read_text()
@@ -168,7 +185,7 @@ def test_without_a_gpu_every_step_fails_and_no_7b_model_is_built(tmp_path):
               and line.split()[0] in STEPS}
     # the kernel tests fail rather than skip; the benches are not started (they would build 7B on the CPU)
     assert status == {"kernel_tests": "FAILED(1)", "bench_kernels": "FAILED(1)", "bench_llava-1.5-7b": "NOT",
-                      "bench_qwen2.5-vl-7b": "NOT"}
+                      "bench_qwen2.5-vl-7b": "NOT", "qwen2.5-vl-7b_1344": "NOT"}
     assert "VTOKEN_TEST_REQUIRE_CUDA is set" in (out / STEPS["kernel_tests"]).read_text()
     assert "cuda available: False" in summary
 

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--methods", default=None, type=_method_list,
                       help="comma-separated methods; 'a+b' pipelines; 'method@site' sets the site, e.g. "
                            f"dart@llm(2) (default: {','.join(DEFAULT_METHODS)}; with --scaling kcenter,"
-                           "dart@llm(2) on GPU, kcenter,dart on CPU)")
+                           "kcenter@vision(3),dart@llm(2) on GPU, kcenter,dart on CPU)")
     grid.add_argument("--budgets", default=None, type=_budget_list,
                       help="comma-separated visual tokens kept per image (int >= 1) or fractions in (0, 1] "
                            f"(default: {','.join(map(str, DEFAULT_BUDGETS))}; with --scaling {SCALING_KEEP})")

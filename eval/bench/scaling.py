@@ -23,8 +23,10 @@ from .report import MAX_SPREAD, _fmt, flagged, header_line, spread_footer, table
 from .runner import check_counts, load_model, setup_machine, workload
 from .system import run_facts
 
-#: on a GPU: the issue's sweep, at 1/4 depth (8 ViT blocks, 7 decoder layers of Qwen2.5-VL-7B)
-GPU_DEFAULTS = dict(tokens=(576, 2880, 5000, 16000), batches=(1, 4, 16), methods=("kcenter", "dart@llm(2)"),
+#: on a GPU: 576 to 16,000 tokens at 1/4 depth (8 ViT blocks, 7 decoder layers of Qwen2.5-VL-7B); kcenter
+#: before the LLM, inside the tower at a third of its 8 blocks (vision(3)) and dart in the LLM
+GPU_DEFAULTS = dict(tokens=(576, 2880, 5000, 16000), batches=(1, 4, 16),
+                    methods=("kcenter", "kcenter@vision(3)", "dart@llm(2)"),
                     depth_scale=1 / 4, runs=5, warmup=1, decode_tokens=16, generate_runs=3)
 #: on a CPU: what a 2-core machine runs in about 10 minutes: 1 ViT block and 1 decoder layer (so no
 #: llm(K) site: ``dart`` runs before the LLM), 64-576 tokens, batch 1 and 2
