@@ -242,6 +242,16 @@ def test_trace_and_overlay_show_kept_merged_and_dropped_patches():
     assert not np.allclose(picture[20, 4], picture[20, 52]) and picture.mean() > 150
 
 
+def test_trace_counts_a_decode_choice_among_the_tokens_that_entered_the_decoder():
+    # 4x4 grid: the projector keeps patches 1, 3, 8, 12 (decoder-input tokens 0..3), llm(1) keeps tokens
+    # 1, 2, 3 (patches 3, 8, 12); the decode site then keeps decoder-input tokens 2 and 3 (patches 8, 12)
+    sites = [Site("projector"), Site.parse("llm(1)"), Site.parse("decode")]
+    kept = {"projector": [torch.tensor([1, 3, 8, 12])], "llm(1)": [torch.tensor([1, 2, 3])],
+            "decode": [torch.tensor([2, 3])]}
+    owner = trace_tokens(sites, kept, {}, 16)
+    assert [p for p in range(16) if owner[p] >= 0] == [8, 12] and owner[8] == 0 and owner[12] == 1
+
+
 def test_samples_folder_formats(tmp_path):
     assert load_samples() == [(str(loading.samples_path() / item["image"]), item["question"])
                               for item in sample_items()]

@@ -17,12 +17,19 @@ def trace_tokens(sites: list[Site], kept: dict[str, list], merged: dict[str, lis
     """For every patch of the image's grid, the visual token it ends up in (0..k-1), or -1 if dropped.
 
     Follows the sites in forward order: a selection at a vision or projector site records original patch
-    positions; one at an llm site records positions among the visual tokens that reached it; a merge
-    records, for each token that reached it, the merged token it went to.
+    positions; one at an llm site records positions among the visual tokens that reached it, one at the
+    decode site positions among those that entered the decoder (its choice is made over the whole cache); a
+    merge records, for each token that reached it, the merged token it went to.
     """
     owner = np.arange(patches)  # token of each patch
     positions = np.arange(patches)  # patch position of each current token (centre for merges)
+    entering = None  # the tokens that entered the decoder: a decode site's choices count among them
     for site in sites:
+        if site.kind in ("llm", "decode") and entering is None:
+            entering = owner, positions
+        if site.kind == "decode":
+            alive = owner >= 0  # survivors of the llm(K) sites; the choice re-traces from the decoder input
+            owner, positions = np.where(alive, entering[0], -1), entering[1]
         rows = kept.get(str(site))
         if not rows or rows[0] is None:
             continue
