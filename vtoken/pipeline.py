@@ -30,7 +30,7 @@ ADAPTIVE_SITE_KINDS = ("projector", "llm")
 def is_adaptive(stage: Stage) -> bool:
     """True for a stage that may keep fewer than its budget, a different count per image (its Keep has
     ``counts``); such a stage sets ``adaptive`` (e.g. a property that is False under ``exact=True``)."""
-    return bool(getattr(stage, "adaptive", False))
+    return bool(stage.adaptive)
 
 
 class Pipeline:

@@ -38,6 +38,10 @@ class Stage:
     needs_grid: ClassVar[bool] = False
     #: budget used when neither the stage nor wrap() gives one (None: a budget is required)
     default_keep: ClassVar[int | float | None] = None
+    #: True when the stage may keep a different count per image, at most its budget (its Keep has
+    #: ``counts``); it must then be the last stage at a projector or llm(K) site. A stage with an
+    #: ``exact`` option may make this a property (``longtail``)
+    adaptive: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.site is None and self.default_site is None:
