@@ -27,7 +27,8 @@ def prompt_text(model: Any, input_ids: Tensor, mask: Tensor | None, encoded: Enc
         after &= mask.bool()
     embed = model.get_input_embeddings()
     per_row = [embed(input_ids[row][after[row]]) for row in range(input_ids.shape[0])]
-    return [per_row[row] for row in _block_rows(input_ids, encoded.blocks)]
+    rows = _block_rows(input_ids, encoded.blocks)
+    return [per_row[rows[unit.block]] for unit in encoded.units]  # a block's views share its row's text
 
 
 def _block_rows(input_ids: Tensor, blocks: list[VisualBlock]) -> list[int]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -430,9 +431,12 @@ class Qwen2VLIntegration(HFVisionLanguage):
 
 
 def _capture_call(store: dict[str, Any]):
-    """A forward pre-hook that records the block's arguments into ``store``."""
+    """A forward pre-hook that records the block's arguments into ``store``, only for forwards of the thread
+    that made it: the block is shared by every thread, and another thread's images must not land here."""
+    owner = threading.get_ident()
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        store.update(args=args, kwargs=kwargs)
+        if threading.get_ident() == owner:
+            store.update(args=args, kwargs=kwargs)
 
     return hook

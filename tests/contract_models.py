@@ -402,10 +402,20 @@ def llm_pyramid() -> SiteStage:
     return SiteStage("pyramid", "fastv@llm(2)+dart@llm(3)", options, dict(keep=1.0, fastv={"keep": 1.0}))
 
 
-def vscan() -> SiteStage:
+def vscan(keep: int = 3, **integration: Any) -> SiteStage:
     """The named pipeline ``vscan``: the scan keeps 3 x keep at the projector, FastV keep at llm(2)."""
-    at = {"fastv": {"site": "llm(2)"}}
-    return SiteStage("vscan", "vscan", dict(keep=3, window=2, **at), dict(keep=1.0, window=2, **at))
+    at = {"fastv": {"site": "llm(2)"}, **integration}
+    return SiteStage("vscan", "vscan", dict(keep=keep, window=2, **at), dict(keep=1.0, window=2, **at))
+
+
+def front(keep: int, **integration: Any) -> list[SiteStage]:
+    """The pre-LLM methods from the field's front at the projector: VisionZip, HiPrune, CDPruner and the
+    long-tail budget (adaptive: each image keeps up to ``keep``; keep-all is its exact form at every token).
+    ``integration``: wrap options they need on this family (LLaVA-NeXT: each view on its grid)."""
+    stages = [SiteStage("projector", method, dict(keep=keep, **integration), dict(keep=1.0, **integration))
+              for method in ("visionzip", "hiprune", "cdpruner")]
+    return stages + [SiteStage("projector", "longtail", dict(keep=keep, **integration),
+                               dict(keep=1.0, exact=True, **integration))]
 
 
 def decode_site() -> SiteStage:
@@ -464,14 +474,15 @@ CASES: list[Case] = [
          [projector(8), llm("dart", 8), llm("fastv", 8), llm_pyramid(), decode_site(), llm_transprune(),
           llm("sparsevlm", 8), llm("mustdrop_filter", 8),
           SiteStage("projector", "mustdrop_merge", dict(keep=8), dict(keep=1.0)),
-          vision_cls_attn(8), vision_pixel_shuffle(), SiteStage("projector", "cdpruner", dict(keep=8), dict(keep=1.0)),
-          vscan()],
+          vision_cls_attn(8), vision_pixel_shuffle(), *front(8), vscan()],
          lm_head),
     Case("llava_next", "llava_next", "llava_next", True, contract_llava_next, NEXT_ROWS, next_inputs,
          [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)), llm("dart", 10),
           llm("fastv", 10), llm_pyramid(), decode_site(), llm_transprune(), llm("sparsevlm", 10),
           SiteStage("vision(0)", "cls_attn", dict(keep=5, site="vision(0)"), dict(keep=1.0, site="vision(0)")),
-          SiteStage("vision(0)", "pixel_shuffle", dict(layer=0), dict(layer=0, ratio=1))], lm_head,
+          SiteStage("vision(0)", "pixel_shuffle", dict(layer=0), dict(layer=0, ratio=1)),
+          *front(10, anyres_budget="view"), vscan(anyres_budget="view")],
+         lm_head,
          notes="vision(0) only (block 1 gives the feature layer): every view keeps the same count, packed in place"),
     Case("internvl", "internvl", "internvl", True, tiny_internvl, INTERNVL_ROWS, internvl_inputs,
          [projector(10), SiteStage("projector", "cls_attn", dict(keep=10), dict(keep=1.0)), llm("dart", 10),
@@ -484,11 +495,12 @@ CASES: list[Case] = [
     Case("qwen2_vl", "qwen2_vl", "qwen2_vl", True, functools.partial(tiny_qwen, "2"), QWEN_ROWS, qwen_inputs,
          [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune(),
           llm("sparsevlm", 3), llm("mustdrop_filter", 3),
-          vision_cls_attn(3), vision_pixel_shuffle()], lm_head),
+          vision_cls_attn(3), vision_pixel_shuffle(), *front(3), vscan(1)], lm_head),
     Case("qwen2_5_vl", "qwen2_vl", "qwen2_5_vl", True, functools.partial(tiny_qwen, "2.5"), QWEN_ROWS, qwen_inputs,
          [projector(3), llm("dart", 3), llm("fastv", 3), llm_pyramid(), decode_site(), llm_transprune(),
           vision_cls_attn(3), vision_pixel_shuffle(),
-          SiteStage("vision(0)", "kcenter", dict(keep=3, site="vision(0)"), dict(keep=1.0, site="vision(0)"))],
+          SiteStage("vision(0)", "kcenter", dict(keep=3, site="vision(0)"), dict(keep=1.0, site="vision(0)")),
+          *front(3), vscan(1)],
          lm_head, notes="vision(L) keeps the window partition: vision(1) follows a full-attention block, "
          "vision(0) a window block"),
     Case("qwen3_vl", "qwen3_vl", "qwen3_vl", True, functools.partial(tiny_qwen3_vl, False), QWEN_ROWS, qwen_inputs,
