@@ -38,28 +38,22 @@ Where vtoken differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from ..registry import register_stage
-from .base import TopKBySignal
+from .decode_topk import DecodeTopK
 
 
 @register_stage("dycoke_kv")
 @dataclass
-class DyCokeKV(TopKBySignal):
+class DyCokeKV(DecodeTopK):
+    """``decode_topk`` with the authors' scoring layer as its default."""
+
     layer: int | None = field(default=2, metadata={
         "help": "decoder layer whose attention row scores the entries (2: the authors' L-1 with L=3; negative "
                 "counts from the end; None: the mean of every layer's row)"})
-
-    site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
-    default_site: ClassVar[str] = "decode"
-    score_signal: ClassVar[str] = "decode_attn"
 
     def __post_init__(self) -> None:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"dycoke_kv layer={self.layer!r}; accepted: an int (a decoder layer, negative from "
                              "the end) or None (the mean of every layer)")
         super().__post_init__()
-
-    def signal_options(self) -> dict[str, Any]:
-        return {"layer": self.layer}

@@ -11,7 +11,8 @@ layers (what the last ``llm(K)`` site kept), and it keeps all of them (the defau
 site removes every other visual entry from every layer's cache (freed, not masked). Compose it with the
 prefill filter: ``Pipeline([MustDropFilter(site="llm(3)", keep=...), ..., MustDropCache()])``. A budget
 below those entries (vtoken's addition, so the stage also runs alone) keeps the ones the new token
-attends to most, as ``decode_topk``; the site computes that attention at every choice.
+attends to most, as ``decode_topk`` (whose ``layer`` option it shares); the site computes that attention
+at every choice.
 
 Where vtoken differs, and why: the cut happens after the first decoding step (the decode site chooses
 after a step's token is cached; the first generated token still sees the layers' own prefill entries),
@@ -22,25 +23,21 @@ keeps one set of visual entries for all layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet
-from .base import TopKBySignal
+from .decode_topk import DecodeTopK
 
 
 @register_stage("mustdrop_cache")
 @dataclass
-class MustDropCache(TopKBySignal):
-    site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
-    default_site: ClassVar[str] = "decode"
-    default_keep: ClassVar[float] = 1.0
-    score_signal: ClassVar[str] = "decode_attn"
+class MustDropCache(DecodeTopK):
+    """``decode_topk`` that keeps the whole final set at its default budget."""
 
-    def signal_options(self) -> dict[str, Any]:
-        return {"layer": None}
+    default_keep: ClassVar[float] = 1.0
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         n = tokens.num_tokens
