@@ -167,9 +167,8 @@ class Keep:
 
     def kept_counts(self) -> Tensor:
         """``[B]`` how many entries of each row are kept (K everywhere unless the stage is adaptive)."""
-        if self.counts is not None:
-            return self.counts
-        return torch.full(self.indices.shape[:1], self.num_kept, dtype=torch.long, device=self.indices.device)
+        every = torch.full(self.indices.shape[:1], self.num_kept, dtype=torch.long, device=self.indices.device)
+        return every if self.counts is None else self.counts
 
     def live(self) -> Tensor:
         """``[B, K]`` True at the entries that are kept, False at an adaptive row's padding."""
