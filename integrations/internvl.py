@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import kernels, signals
+from vtoken import kernels
 from vtoken.flops import ModelDims, ProjectorDims, VisionDims, VisualCounts, llm_dims_from_config
 from vtoken.registry import register_integration
 from vtoken.sites import Site
@@ -41,22 +41,21 @@ from vtoken.stats import clock
 from .base import captured_inputs
 from .hf_vlm import Encoded, HFVisionLanguage, VisualBlock, VisualUnit
 from .llava_next import split_budget
-from .projector_signals import hidden_state_blocks
+from .projector_signals import RECEIVED_ATTENTION_SITES, hidden_state_blocks
 
 TILE_BUDGETS = ("global", "tile", "guided")
-_NO_VISION_SITE = ("the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of "
-                   "patches into one token, so tokens dropped inside the tower leave no grid to shuffle; prune "
-                   "at the projector or in the LLM")
 
 
 @register_integration("internvl")
 class InternVLIntegration(HFVisionLanguage):
     model_types: ClassVar[tuple[str, ...]] = ("internvl",)
     options: ClassVar[dict[str, Any]] = {"positions": "compact", "tile_budget": "global"}
-    unsupported_sites: ClassVar[dict[str, str]] = {"vision": _NO_VISION_SITE}
-    site_signals: ClassVar[dict[str, frozenset[str]]] = {
-        "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
+    unsupported_sites: ClassVar[dict[str, str]] = {
+        "vision": "the tower's patch grid is read whole by pixel_shuffle, which folds every 2 x 2 block of patches "
+                  "into one token, so tokens dropped inside the tower leave no grid to shuffle; prune at the "
+                  "projector or in the LLM",
     }
+    site_signals = RECEIVED_ATTENTION_SITES
 
     def install(self) -> None:
         if self.settings["tile_budget"] not in TILE_BUDGETS:

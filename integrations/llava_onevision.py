@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtoken import signals
 from vtoken.flops import ModelDims, VisualCounts
 from vtoken.registry import register_integration
 from vtoken.stats import clock
@@ -51,7 +50,7 @@ from .base import captured_inputs
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next import ANYRES_BUDGETS, LlavaNextIntegration, _newline_rule
-from .projector_signals import clip_received_attention
+from .projector_signals import RECEIVED_ATTENTION_SITES, clip_received_attention
 
 VIDEO_BUDGETS = ("clip", "frame")
 _NO_VISION_SITE = ("the AnyRes-max packing unpads and bilinearly shrinks every view's full patch grid, and video "
@@ -67,9 +66,7 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
         "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos", "batch_num_images",
     )
     unsupported_sites: ClassVar[dict[str, str]] = {"vision": _NO_VISION_SITE}
-    site_signals: ClassVar[dict[str, frozenset[str]]] = {
-        "projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM,
-    }
+    site_signals = RECEIVED_ATTENTION_SITES
 
     def install(self) -> None:
         if self.settings["video_budget"] not in VIDEO_BUDGETS:

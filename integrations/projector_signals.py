@@ -9,9 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtoken import kernels
+from vtoken import kernels, signals
 
 from .visual_blocks import Encoded, VisualBlock
+
+#: the site signals of a family whose tower has no [CLS] token (SigLIP, InternViT): ``cls_attn`` at the projector
+#: is the attention each patch receives, and the decoder's signals in the LLM
+RECEIVED_ATTENTION_SITES: dict[str, frozenset[str]] = {"projector": frozenset({signals.CLS_ATTN}), "llm": signals.LLM}
 
 
 def prompt_text(model: Any, input_ids: Tensor, mask: Tensor | None, encoded: Encoded) -> list[Tensor]:
