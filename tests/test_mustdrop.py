@@ -39,10 +39,17 @@ def text_rows(layer, hidden, positions, rotary, text):
 
 def slow_mustdrop(model, batch, prompt, plan: dict[int, int]):
     """plan: site K -> kept count. Returns logits and the kept indices (into the site's visual tokens)."""
-    lm = model.model.language_model
-    hidden = decoder_inputs(model, batch)
-    positions = torch.arange(hidden.shape[1])
     visual = [token == IMAGE_TOKEN for token in prompt]
+    return slow_filter(model, decoder_inputs(model, batch), visual, [False] * len(visual), plan)
+
+
+def slow_filter(model, hidden: torch.Tensor, visual: list[bool], pinned: list[bool], plan: dict[int, int]):
+    """The decoder by hand on ``hidden`` (its input), the filter at each site K of ``plan`` (kept count)
+    ranking pinned tokens first, then by the dual-attention score. Returns the logits and the kept positions
+    into each site's visual tokens."""
+    lm = model.model.language_model
+    positions = torch.arange(hidden.shape[1])
+    pins = [p and v for p, v in zip(pinned, visual)]
     kept, previous = {}, None
     with torch.no_grad():
         for index, layer in enumerate(lm.layers):
@@ -53,12 +60,14 @@ def slow_mustdrop(model, batch, prompt, plan: dict[int, int]):
                 rows = text_rows(lm.layers[index - 1], x, at, lm.rotary_emb, text)[:, candidates]
                 g, peak = rows.sum(0), rows.max(0).values
                 score = torch.maximum(g / (GLOBAL * g.sum()), peak / INDIVIDUAL)
-                order = sorted(range(len(candidates)), key=lambda j: (-float(score[j]), j))[: plan[index]]
+                order = sorted(range(len(candidates)),
+                               key=lambda j: (not pins[candidates[j]], -float(score[j]), j))[: plan[index]]
                 kept[index] = sorted(order)
                 stay = torch.tensor([not v for v in visual])
                 stay[[candidates[j] for j in order]] = True
                 hidden, positions = hidden[:, stay], positions[stay]
                 visual = [v for v, s in zip(visual, stay) if s]
+                pins = [p for p, s in zip(pins, stay) if s]
             previous = (hidden, positions)
             n = hidden.shape[1]
             mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]

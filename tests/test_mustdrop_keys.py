@@ -21,7 +21,7 @@ import test_contract as contract
 import vtoken
 from contract_models import CASES_BY_NAME, SiteStage
 from test_llm_pyramid import decoder_inputs
-from test_mustdrop import GLOBAL, INDIVIDUAL, PROMPTS, slow_window_merge, text_rows
+from test_mustdrop import PROMPTS, slow_filter, slow_window_merge
 from tiny_models import BOS, GRID, IMAGE_TOKEN, llava_batch, tiny_llava
 from vtoken.stages import MustDropFilter, MustDropMerge
 from vtoken.stages.base import Stage
@@ -88,40 +88,6 @@ def slow_key_set(model, batch: dict, image: int, keep: int, share: float = 0.08)
     score = [float(attention[g].mean()) for g in groups]
     chosen = sorted(range(len(groups)), key=lambda s: (-score[s], s))[: math.ceil(share * keep)]
     return groups, [s in chosen for s in range(len(groups))]
-
-
-def slow_filter(model, hidden: torch.Tensor, visual: list[bool], pinned: list[bool], plan: dict[int, int]):
-    """The decoder by hand on ``hidden`` (the merged decoder input), the filter at each site K of ``plan``
-    (kept count) ranking pinned tokens first, then by the dual-attention score. Returns the logits and the
-    kept positions into each site's visual tokens."""
-    lm = model.model.language_model
-    positions = torch.arange(hidden.shape[1])
-    pins = [p and v for p, v in zip(pinned, visual)]
-    kept, previous = {}, None
-    with torch.no_grad():
-        for index, layer in enumerate(lm.layers):
-            if index in plan:
-                x, at = previous
-                candidates = [i for i, v in enumerate(visual) if v]
-                text = list(range(max(candidates) + 1, len(visual)))
-                rows = text_rows(lm.layers[index - 1], x, at, lm.rotary_emb, text)[:, candidates]
-                g, peak = rows.sum(0), rows.max(0).values
-                score = torch.maximum(g / (GLOBAL * g.sum()), peak / INDIVIDUAL)
-                order = sorted(range(len(candidates)),
-                               key=lambda j: (not pins[candidates[j]], -float(score[j]), j))[: plan[index]]
-                kept[index] = sorted(order)
-                stay = torch.tensor([not v for v in visual])
-                stay[[candidates[j] for j in order]] = True
-                hidden, positions = hidden[:, stay], positions[stay]
-                visual = [v for v, s in zip(visual, stay) if s]
-                pins = [p for p, s in zip(pins, stay) if s]
-            previous = (hidden, positions)
-            n = hidden.shape[1]
-            mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
-            cos, sin = lm.rotary_emb(hidden, positions[None])
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions[None], position_embeddings=(cos, sin))
-        logits = model.lm_head(lm.norm(hidden))
-    return logits, kept
 
 
 def slow_reference(model, prompt: int, pixels: torch.Tensor, merge: int, plan: dict[int, int], share: float = 0.08):
