@@ -31,26 +31,23 @@ Where vtoken differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from ..registry import register_pipeline, register_stage
 from ..tokens import Keep, TokenSet
-from .base import Stage
+from .fastv import FastV
 
 
 @register_stage("holitom_llm")
 @dataclass
-class HoliTomLLM(Stage):
-    site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
-    default_site: ClassVar[str] = "llm(18)"
-    default_keep: ClassVar[float] = 0.5
-    merging: ClassVar[bool] = True
+class HoliTomLLM(FastV):
+    """FastV's choice (its site kind, signal and default half), with the pruned tokens merged in."""
 
-    def signals(self) -> dict[str, Any]:
-        return {"last_query_attn": {}}
+    default_site: ClassVar[str] = "llm(18)"
+    merging: ClassVar[bool] = True
 
     def select(self, tokens: TokenSet, k: int) -> Keep:
         score = tokens.signals["last_query_attn"].float()
