@@ -135,6 +135,30 @@ def test_registering_a_third_party_stage():
     assert out.logits.shape[1] == 1 + 1 + 5 + 1 + 1
 
 
+def test_register_stage_makes_the_options_dataclass_fields():
+    from dataclasses import fields
+
+    @vtoken.register_stage("first_n_test")
+    class FirstN(vtoken.Stage):
+        offset: int = vtoken.stages.base.option(0, "first position kept")
+
+        def select(self, tokens, k):
+            return vtoken.Keep(indices=(torch.arange(k) + self.offset).expand(tokens.batch_size, k))
+
+    @vtoken.register_stage("first_n_shifted_test")
+    class Shifted(FirstN):  # a registered subclass gets its own fields without decorating it again
+        offset: int = vtoken.stages.base.option(2, "first position kept")
+
+    assert [f.name for f in fields(FirstN)][-1] == "offset" and FirstN().offset == 0
+    assert Shifted().offset == 2 and Shifted(offset=3).offset == 3
+    assert dict((f.name, f.metadata["help"]) for f in fields(Shifted))["offset"] == "first position kept"
+    model = tiny_llava()
+    with vtoken.wrapped(model, "first_n_shifted_test", keep=5, first_n_shifted_test={"offset": 1}), \
+            torch.no_grad():
+        model(**llava_batch([prompt_ids([20], 1, [30])]))
+        assert model.vtoken.stats is not None
+
+
 def test_installed_layout_has_no_top_level_kernels_module(tmp_path):
     code = (
         "import importlib.util, vtoken, vtoken.kernels, vtoken.integrations, vtoken.eval\n"
@@ -149,3 +173,15 @@ def test_installed_layout_has_no_top_level_kernels_module(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
     assert Path(tmp_path).exists()
+
+
+def test_methods_command_describes_a_method_and_its_options(capsys):
+    from vtoken.cli import main
+
+    assert main(["methods", "vscan"]) == 0
+    shown = capsys.readouterr().out
+    assert "vscan_scan@projector+fastv@llm(16)" in shown
+    assert "global_share = 0.5: share of the budget chosen by the global scan" in shown
+    assert "fastv: sites llm (default llm(2))" in shown
+    assert main(["methods", "no_such_method"]) == 2
+    assert "registered: cdpruner" in capsys.readouterr().err

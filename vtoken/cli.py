@@ -7,6 +7,7 @@ Each subcommand lives with its feature; this file only wires them. A feature mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable
@@ -23,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vtoken", description="Training-free visual token pruning and merging for vision-language models."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    listing = commands.add_parser("methods", help="list the registered methods and supported models")
+    listing = commands.add_parser("methods", help="list the registered methods and supported models; with a "
+                                  "method's name, its stages, sites and options")
+    listing.add_argument("name", nargs="?", help="a method (stage or named pipeline) to describe")
     listing.set_defaults(handler=_list)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -49,8 +52,26 @@ def main(argv: list[str] | None = None) -> int:
 def _list(args: argparse.Namespace) -> int:
     import vtoken
 
-    print("methods:", ", ".join(vtoken.list_methods()))
-    print("models: ", ", ".join(vtoken.list_models()))
+    if args.name is None:
+        print("methods:", ", ".join(vtoken.list_methods()))
+        print("models: ", ", ".join(vtoken.list_models()))
+        return 0
+    from .registry import PIPELINES, STAGES
+
+    if args.name in PIPELINES:
+        named = PIPELINES[args.name]
+        print(f"{args.name}: the pipeline {named.spec}, budgets {named.factors} x keep")
+        names = [part.split("@")[0] for part in named.spec.split("+")]
+    elif args.name in STAGES:
+        names = [args.name]
+    else:
+        print(f"unknown method {args.name!r}; registered: {', '.join(vtoken.list_methods())}", file=sys.stderr)
+        return 2
+    for name in names:
+        stage = STAGES[name]
+        print(f"{name}: sites {', '.join(stage.site_kinds)} (default {stage.default_site})")
+        for option in dataclasses.fields(stage):
+            print(f"  {option.name} = {option.default!r}: {option.metadata.get('help', '')}")
     return 0
 
 

@@ -35,10 +35,16 @@ PIPELINES: dict[str, NamedPipeline] = {}
 
 
 def register_stage(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: make a Stage available as ``vtoken.wrap(model, name)``."""
+    """Class decorator: make a Stage available as ``vtoken.wrap(model, name)``. The class becomes a
+    dataclass (its annotated fields are the stage's options) unless it already is one."""
     if "+" in name or "@" in name or not name.isidentifier():
         raise ValueError(f"stage name {name!r} must be an identifier (no '+' or '@': they join a method spec)")
-    return _registrar(STAGES, "stage", name)
+    register = _registrar(STAGES, "stage", name)
+
+    def as_dataclass(cls: type[T]) -> type[T]:
+        # a subclass that is not decorated itself would silently keep its parent's fields and __init__
+        return register(cls if "__dataclass_fields__" in cls.__dict__ else dataclass(cls))
+    return as_dataclass
 
 
 def register_pipeline(name: str, spec: str, factors: tuple[float, ...],

@@ -10,6 +10,11 @@ from ..sites import Site
 from ..tokens import Keep, TokenSet, sorted_topk
 
 
+def option(default: Any, help: str) -> Any:
+    """A stage option: a dataclass field with a default and the help text that the CLI and docs show."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Stage:
     """Base class of every stage. Subclasses are dataclasses whose fields are their options.
@@ -19,12 +24,9 @@ class Stage:
     input (and seed).
     """
 
-    keep: int | float | None = field(
-        default=None,
-        metadata={"help": "tokens per image (int) or fraction of the tokens (float in (0, 1]); "
-                  "None: the budget given to wrap()"},
-    )
-    site: Any = field(default=None, metadata={"help": "where the stage runs, e.g. 'projector' or 'llm(2)'"})
+    keep: int | float | None = option(None, "tokens per image (int) or fraction of the tokens (float in (0, 1]); None: "
+                                            "the budget given to wrap()")
+    site: Any = option(None, "where the stage runs, e.g. 'projector' or 'llm(2)'")
 
     name: ClassVar[str] = ""
     #: site kinds this stage can run at
@@ -98,7 +100,7 @@ class EncoderStage(Stage):
     """A stage that runs inside the vision encoder, addressed by ``layer=L`` (shorthand for
     ``site='vision(L)'``). It has no default layer: where to prune inside an encoder is the user's call."""
 
-    layer: int | None = field(default=None, metadata={"help": "shorthand for site='vision(layer)'"})
+    layer: int | None = option(None, "shorthand for site='vision(layer)'")
 
     default_site: ClassVar[str | None] = None
 

@@ -31,7 +31,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -39,17 +38,16 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet
-from .base import Stage
+from .base import Stage, option
 
 #: a pivot (leftover gain) at or below this is treated as zero: the kernel has no direction left
 EXHAUSTED = 1e-10
 
 
 @register_stage("cdpruner")
-@dataclass
 class CDPruner(Stage):
-    theta: float | None = field(default=None, metadata={"help": "relevance weight in (0, 1): r = exp(theta / (2 (1 - "
-                                                        "theta)) r); None: r as it is (the authors' code)"})
+    theta: float | None = option(None, "relevance weight in (0, 1): r = exp(theta / (2 (1 - theta)) r); None: r as it "
+                                       "is (the authors' code)")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
 

@@ -12,23 +12,18 @@ the vision tower keeps running on SDPA/FlashAttention; no attention map is ever 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("cls_attn")
-@dataclass
 class ClsAttn(Stage):
-    layers: tuple[int, ...] | None = field(
-        default=None,
-        metadata={"help": "vision hidden-state indices (as LLaVA's vision_feature_layer counts them) whose [CLS] "
-                  "attention is averaged; None: the model's feature layer, as the paper does. Several: an "
-                  "ensemble"},
-    )
+    layers: tuple[int, ...] | None = option(None, "vision hidden-state indices (as LLaVA's vision_feature_layer counts "
+                                                  "them) whose [CLS] attention is averaged; None: the model's feature "
+                                                  "layer, as the paper does. Several: an ensemble")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
 

@@ -19,7 +19,6 @@ Unlike the reference code, the kept count is exact: the per-pivot shares add up 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -27,15 +26,14 @@ import torch
 from .. import kernels
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, gather_tokens
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("dart")
-@dataclass
 class Dart(Stage):
-    image_pivots: int = field(default=4, metadata={"help": "visual pivot tokens (paper: 4)"})
-    text_pivots: int = field(default=4, metadata={"help": "text pivot tokens at llm(K) (paper: 4); at the "
-                                                  "projector they become extra visual pivots"})
+    image_pivots: int = option(4, "visual pivot tokens (paper: 4)")
+    text_pivots: int = option(4, "text pivot tokens at llm(K) (paper: 4); at the projector they become extra visual "
+                                 "pivots")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "llm")
 

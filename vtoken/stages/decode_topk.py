@@ -19,19 +19,16 @@ fraction keeps that share of the entries present at each choice, so it compounds
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..registry import register_stage
-from .base import TopKBySignal
+from .base import TopKBySignal, option
 
 
 @register_stage("decode_topk")
-@dataclass
 class DecodeTopK(TopKBySignal):
-    layer: int | None = field(default=None, metadata={
-        "help": "decoder layer whose attention row scores the entries (negative counts from the end); None: the "
-                "mean of every layer's row"})
+    layer: int | None = option(None, "decoder layer whose attention row scores the entries (negative counts from the "
+                                     "end); None: the mean of every layer's row")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("decode",)
     default_site: ClassVar[str] = "decode"

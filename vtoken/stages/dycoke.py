@@ -33,21 +33,18 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_clip, sorted_topk
-from .base import Stage, check_count
+from .base import Stage, check_count, option
 
 
 @register_stage("dycoke")
-@dataclass
 class DyCoke(Stage):
-    window: int = field(default=4, metadata={"help": "frames per window; the first is the window's reference "
-                                                     "(4, the authors')"})
+    window: int = option(4, "frames per window; the first is the window's reference (4, the authors')")
 
     #: the whole clip, every frame on its (h, w) grid: wrap refuses it after a stage that selects a subset
     needs_grid: ClassVar[bool] = True

@@ -37,20 +37,17 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..registry import register_stage
+from .base import option
 from .decode_topk import DecodeTopK
 
 
 @register_stage("dycoke_kv")
-@dataclass
 class DyCokeKV(DecodeTopK):
     """``decode_topk`` with the authors' scoring layer as its default."""
 
-    layer: int | None = field(default=2, metadata={
-        "help": "decoder layer whose attention row scores the entries (2: the authors' L-1 with L=3; negative "
-                "counts from the end; None: the mean of every layer's row)"})
+    layer: int | None = option(2, "decoder layer whose attention row scores the entries (2: the authors' L-1 with L=3; "
+                                  "negative counts from the end; None: the mean of every layer's row)")
 
     def __post_init__(self) -> None:
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):

@@ -10,7 +10,6 @@ embedding through ``vtoken.kernels.attention_rows``: the model stays on SDPA/Fla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from ..registry import register_stage
@@ -18,7 +17,6 @@ from .base import TopKBySignal
 
 
 @register_stage("fastv")
-@dataclass
 class FastV(TopKBySignal):
     site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
     default_site: ClassVar[str] = "llm(2)"

@@ -28,7 +28,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -36,19 +35,17 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_grid
-from .base import Stage, check_encoder_layers, check_in_range
+from .base import Stage, check_encoder_layers, check_in_range, option
 
 
 @register_stage("hiprune")
-@dataclass
 class HiPrune(Stage):
-    alpha: float = field(default=0.1, metadata={"help": "share of the budget for anchors and their buffers: "
-                                                "round(k * alpha / 5) anchors (paper: 0.1)"})
-    object_layer: int | None = field(default=None, metadata={"help": "encoder layer (from 1) whose attention picks "
-                                                             "the anchors; None: the model's default"})
-    deep_layer: int | None = field(default=None, metadata={"help": "encoder layer (from 1, negative from the end) "
-                                                           "whose attention picks the registers; None: the "
-                                                           "feature layer"})
+    alpha: float = option(0.1, "share of the budget for anchors and their buffers: round(k * alpha / 5) anchors "
+                               "(paper: 0.1)")
+    object_layer: int | None = option(None, "encoder layer (from 1) whose attention picks the anchors; None: the "
+                                            "model's default")
+    deep_layer: int | None = option(None, "encoder layer (from 1, negative from the end) whose attention picks the "
+                                          "registers; None: the feature layer")
 
     needs_grid: ClassVar[bool] = True
 

@@ -36,7 +36,6 @@ Where vtoken differs, and why:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -44,17 +43,16 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_clip, sorted_topk
-from .base import Stage, check_count, check_in_range
+from .base import Stage, check_count, check_in_range, option
 
 
 @register_stage("holitom")
-@dataclass
 class HoliTom(Stage):
-    tau: float = field(default=0.8, metadata={"help": "cosine similarity above which a place is static between "
-                                                      "consecutive frames (0.8, the authors')"})
-    beta: float = field(default=0.6, metadata={"help": "weight of a cluster's centre in its merged token"})
-    knn: int = field(default=7, metadata={"help": "neighbours of the DPC-kNN density estimate"})
-    max_segment: int | None = field(default=None, metadata={"help": "most frames in a segment (None: any)"})
+    tau: float = option(0.8, "cosine similarity above which a place is static between consecutive frames (0.8, the "
+                             "authors')")
+    beta: float = option(0.6, "weight of a cluster's centre in its merged token")
+    knn: int = option(7, "neighbours of the DPC-kNN density estimate")
+    max_segment: int | None = option(None, "most frames in a segment (None: any)")
 
     merging: ClassVar[bool] = True
     #: the whole clip, every frame on its (h, w) grid: wrap refuses it after a stage that selects a subset

@@ -30,7 +30,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -42,7 +41,6 @@ from .fastv import FastV
 
 
 @register_stage("holitom_llm")
-@dataclass
 class HoliTomLLM(FastV):
     """FastV's choice (its site kind, signal and default half), with the pruned tokens merged in."""
 

@@ -13,7 +13,6 @@ grows as N (``tests/test_memory.py`` checks 16,000 tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 from .. import kernels
@@ -23,7 +22,6 @@ from .base import Stage
 
 
 @register_stage("kcenter")
-@dataclass
 class KCenter(Stage):
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision", "llm")
 

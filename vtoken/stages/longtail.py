@@ -34,7 +34,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -42,14 +41,13 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, adaptive_keep, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("longtail")
-@dataclass
 class LongTail(Stage):
-    exact: bool = field(default=False, metadata={"help": "keep exactly the budget in every image (the top-k by "
-                                                 "[CLS] similarity) instead of the inflection point capped by it"})
+    exact: bool = option(False, "keep exactly the budget in every image (the top-k by [CLS] similarity) instead of the "
+                                "inflection point capped by it")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
 

@@ -27,23 +27,21 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..registry import register_pipeline, register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("mustdrop_filter")
-@dataclass
 class MustDropFilter(Stage):
-    global_thr: float = field(default=0.011, metadata={
-        "help": "share of the text's summed attention a token needs to pass the global test (authors' 0.011)"})
-    individual_thr: float = field(default=0.01, metadata={
-        "help": "attention from at least one text token needed to pass the individual test (authors' 0.01)"})
+    global_thr: float = option(0.011, "share of the text's summed attention a token needs to pass the global test "
+                                      "(authors' 0.011)")
+    individual_thr: float = option(0.01, "attention from at least one text token needed to pass the individual test "
+                                         "(authors' 0.01)")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
     default_site: ClassVar[str] = "llm(3)"

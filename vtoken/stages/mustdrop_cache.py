@@ -22,7 +22,6 @@ keeps one set of visual entries for all layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -33,7 +32,6 @@ from .decode_topk import DecodeTopK
 
 
 @register_stage("mustdrop_cache")
-@dataclass
 class MustDropCache(DecodeTopK):
     """``decode_topk`` that keeps the whole final set at its default budget."""
 

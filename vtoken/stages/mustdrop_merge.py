@@ -30,7 +30,6 @@ patches (the merge runs after the tower here), which the code computes on the me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import NO_GRID, Keep, TokenSet, sorted_topk
-from .base import Stage, check_encoder_layers
+from .base import Stage, check_encoder_layers, option
 
 
 def windows_of(h: int, w: int, size: int) -> list[list[int]]:
@@ -76,14 +75,12 @@ def merge_groups(x: Tensor, windows: list[list[int]], reduce: int) -> list[list[
 
 
 @register_stage("mustdrop_merge")
-@dataclass
 class MustDropMerge(Stage):
-    window: int = field(default=3, metadata={"help": "side of the square windows whose tokens merge (authors' 3)"})
-    key_share: float = field(default=0.08, metadata={
-        "help": "share of the output tokens pinned as the key set, by [CLS] attention (authors' 0.08; 0: none)"})
-    key_layer: int = field(default=-1, metadata={
-        "help": "encoder layer (from 1, negative from the end) whose [CLS] attention ranks the key set (authors': "
-                "the last)"})
+    window: int = option(3, "side of the square windows whose tokens merge (authors' 3)")
+    key_share: float = option(0.08, "share of the output tokens pinned as the key set, by [CLS] attention (authors' "
+                                    "0.08; 0: none)")
+    key_layer: int = option(-1, "encoder layer (from 1, negative from the end) whose [CLS] attention ranks the key set "
+                                "(authors': the last)")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector",)
     merging: ClassVar[bool] = True

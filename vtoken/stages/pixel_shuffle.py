@@ -15,23 +15,21 @@ Prefix tokens ([CLS], registers) are left to the integration, which passes only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, require_grid
-from .base import EncoderStage
+from .base import EncoderStage, option
 from .pool import merge_cells
 
 
 @register_stage("pixel_shuffle")
-@dataclass
 class PixelShuffle(EncoderStage):
-    ratio: int = field(default=2, metadata={"help": "r: each r x r neighbourhood becomes one token (r=1: no-op)"})
-    residual: Any = field(default=None, metadata={"help": "optional trained merge module [.., r*r*D] -> [.., D] "
-                                                  "added to the training-free shortcut"})
+    ratio: int = option(2, "r: each r x r neighbourhood becomes one token (r=1: no-op)")
+    residual: Any = option(None, "optional trained merge module [.., r*r*D] -> [.., D] added to the training-free "
+                                 "shortcut")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("vision", "projector")
     budgeted: ClassVar[bool] = False

@@ -11,7 +11,6 @@ of k closest to the image's aspect ratio; k with no factor pair that fits the gr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,7 +21,6 @@ from .base import Stage
 
 
 @register_stage("pool")
-@dataclass
 class Pool(Stage):
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
     merging: ClassVar[bool] = True

@@ -4,20 +4,18 @@ batch draws from the same stream, so a sample's choice does not depend on its ba
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("random")
-@dataclass
 class RandomKeep(Stage):
-    seed: int = field(default=0, metadata={"help": "random seed; the same seed keeps the same positions"})
+    seed: int = option(0, "random seed; the same seed keeps the same positions")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision", "llm")
 

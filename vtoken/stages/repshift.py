@@ -9,7 +9,6 @@ put one RepShift at each ``vision(L)`` site in a Pipeline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..registry import register_stage
@@ -18,7 +17,6 @@ from .base import EncoderStage
 
 
 @register_stage("repshift")
-@dataclass
 class RepShift(EncoderStage):
     site_kinds: ClassVar[tuple[str, ...]] = ("vision",)
 

@@ -33,7 +33,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 #: share of the deleted tokens recycled, and candidates per merged token (the authors' constants)
 RECYCLE_SHARE = 0.3
@@ -80,10 +79,9 @@ def density_peaks(x: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
 
 
 @register_stage("sparsevlm")
-@dataclass
 class SparseVLM(Stage):
-    recycle: bool = field(default=True, metadata={
-        "help": "merge the best-rated pruned tokens into a few recycled tokens (counted in keep); False: prune only"})
+    recycle: bool = option(True, "merge the best-rated pruned tokens into a few recycled tokens (counted in keep); "
+                                 "False: prune only")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
     default_site: ClassVar[str] = "llm(3)"

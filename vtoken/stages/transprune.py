@@ -23,22 +23,20 @@ their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("transprune")
-@dataclass
 class TransPrune(Stage):
-    from_layer: int | None = field(default=None, metadata={
-        "help": "first decoder layer (0-based) whose token transitions count; they are summed up to layer K-1. "
-                "None: the authors' LLaVA-1.5 setting, 6, or K-1 for a site before layer 7"})
-    attention: bool = field(default=True, metadata={
-        "help": "add the instruction-guided attention (IGA) to TTV; False: TTV alone, which needs no attention"})
+    from_layer: int | None = option(None, "first decoder layer (0-based) whose token transitions count; they are "
+                                          "summed up to layer K-1. None: the authors' LLaVA-1.5 setting, 6, or K-1 for "
+                                          "a site before layer 7")
+    attention: bool = option(True, "add the instruction-guided attention (IGA) to TTV; False: TTV alone, which needs "
+                                   "no attention")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("llm",)
     default_site: ClassVar[str] = "llm(7)"

@@ -24,24 +24,19 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from ..registry import register_stage
 from ..tokens import Keep, TokenSet, gather_tokens, sorted_topk
-from .base import Stage
+from .base import Stage, option
 
 
 @register_stage("visionzip")
-@dataclass
 class VisionZip(Stage):
-    contextual: int | float = field(
-        default=10 / 64,
-        metadata={"help": "contextual (merged) tokens per image: an int count, or a float in [0, 1), a fraction "
-                  "of the budget (default 10/64, the paper's 10 of 64)"},
-    )
+    contextual: int | float = option(10 / 64, "contextual (merged) tokens per image: an int count, or a float in [0, "
+                                              "1), a fraction of the budget (default 10/64, the paper's 10 of 64)")
 
     site_kinds: ClassVar[tuple[str, ...]] = ("projector", "vision")
     merging: ClassVar[bool] = True

@@ -34,7 +34,6 @@ Where vtoken differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -42,19 +41,18 @@ from torch import Tensor
 
 from ..registry import register_pipeline, register_stage
 from ..tokens import Keep, TokenSet, gather_tokens, require_grid
-from .base import Stage, check_count, check_encoder_layers, check_in_range
+from .base import Stage, check_count, check_encoder_layers, check_in_range, option
 
 
 @register_stage("vscan_scan")
-@dataclass
 class VScanScan(Stage):
-    global_share: float = field(default=0.5, metadata={"help": "share of the budget chosen by the global scan "
-                                                        "(deep-layer attention); the rest by the local scan"})
-    window: int = field(default=4, metadata={"help": "side of the local scan's square windows, in patches"})
-    local_layer: int | None = field(default=None, metadata={"help": "encoder layer (from 1, negative from the end) "
-                                                            "of the local scan; None: the family's middle default"})
-    global_layer: int | None = field(default=None, metadata={"help": "encoder layer (from 1, negative from the "
-                                                             "end) of the global scan; None: the feature layer"})
+    global_share: float = option(0.5, "share of the budget chosen by the global scan (deep-layer attention); the rest "
+                                      "by the local scan")
+    window: int = option(4, "side of the local scan's square windows, in patches")
+    local_layer: int | None = option(None, "encoder layer (from 1, negative from the end) of the local scan; None: the "
+                                           "family's middle default")
+    global_layer: int | None = option(None, "encoder layer (from 1, negative from the end) of the global scan; None: "
+                                            "the feature layer")
 
     merging: ClassVar[bool] = True
     needs_grid: ClassVar[bool] = True
