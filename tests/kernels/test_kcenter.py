@@ -38,6 +38,9 @@ CASES = [
     Case(2, 37, 24, 8),
     Case(1, 65, 40, 10, padded=True),
     Case(2, 130, 20, 12, padded=True, block_n=32, block_d=16),
+    # N <= D: the reference holds the N x N distances instead of streaming the features each step
+    Case(2, 30, 48, 9),
+    Case(1, 40, 40, 11, padded=True),
 ]
 
 

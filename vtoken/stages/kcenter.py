@@ -6,9 +6,10 @@ cosine similarity. Selection: start with the token whose nearest neighbour is fa
 add the token farthest from the selected set (each token's min distance to the set is updated
 incrementally, O(K*N) after the start). Kept indices are returned in original order.
 
-The work is done by ``vtoken.kernels.kcenter_select`` (Triton on CUDA, torch elsewhere). Neither holds an
-N x N distance matrix: the kernels tile it, the torch reference computes it in row blocks, so memory
-grows as N (``tests/test_memory.py`` checks 16,000 tokens).
+The work is done by ``vtoken.kernels.kcenter_select`` (Triton on CUDA, torch elsewhere). Memory grows as
+N x D, never as N x N beyond it: the kernels tile the distances; the torch reference computes them in row
+blocks, and holds the whole N x N matrix (one product, then one row read per pick) only when it is no
+larger than the features, N <= D (``tests/test_memory.py`` checks 16,000 tokens).
 """
 
 from __future__ import annotations
