@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a synthetic video clip of this many frames in each sample instead of the image "
                            "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL: frames of 112 x 112 px, 16 tokens per pair of frames, "
                            "256 for 32 frames: 11 min for 4 methods, --runs 9, at 1/8 depth on 2 CPU cores; "
-                           "LLaVA-OneVision: the tower's size, 196 tokens a frame for the 7B), for temporal methods such as dycoke, holitom, "
+                           "LLaVA-OneVision: the tower's size, 196 tokens a frame for the 7B), "
+                           "for temporal methods such as dycoke, holitom, "
                            "holitom_full; budgets are per clip")
     grid.add_argument("--batch-size", type=int_at_least(1), default=1,
                       help="samples per batch (the same prompt repeated)")
