@@ -29,7 +29,7 @@ from vtoken.stats import clock
 
 from .base import captured_inputs
 from .hf_vlm import Encoded, HFVisionLanguage, VisualUnit
-from .projector_signals import clip_received_attention, encoder_attn_blocks, hidden_state_blocks
+from .projector_signals import clip_received_attention, encoder_attn_blocks, hidden_state_blocks, projection_hooks
 from .vit_sites import EncoderLayout
 
 
@@ -103,7 +103,8 @@ class LlavaIntegration(HFVisionLanguage):
         attn_blocks = self._encoder_attn_blocks(signals, layer)
         if self.encoder_sites is not None:
             self._check_vision_sites(layer)
-        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks) as captured:
+        projected, hooks = projection_hooks(self.vision_layers(), attn_blocks)
+        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks, *hooks) as captured:
             extra = {"image_sizes": inputs["image_sizes"]} if inputs.get("image_sizes") is not None else {}
             output = self.model.model.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=layer,
@@ -127,7 +128,8 @@ class LlavaIntegration(HFVisionLanguage):
             ]).mean(0)
             computed["cls_attn"] = rows[:, 1:] if strategy == "default" else rows
         if attn_blocks:  # HiPrune's object and deep layers, one column each
-            rows = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i]) for i in attn_blocks], -1)
+            rows = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i], projected.get(i))
+                                for i in attn_blocks], -1)
             computed["encoder_attn"] = rows[:, 1:] if strategy == "default" else rows
         scoring = clock(features.device) - start
         units = [

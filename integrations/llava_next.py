@@ -36,7 +36,7 @@ from .base import captured_inputs
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next_vision import check_vision_options, kept_places, scatter_to_grid
-from .projector_signals import clip_received_attention
+from .projector_signals import clip_received_attention, projection_hooks
 
 ANYRES_BUDGETS = ("global", "view", "guided")
 
@@ -78,7 +78,8 @@ class LlavaNextIntegration(LlavaIntegration):
             self._check_vision_sites(layer)
             packing.append(self.model.model.multi_modal_projector.register_forward_hook(
                 scatter_to_grid(self.encoder_sites, patches)))
-        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks, *packing) as captured:
+        projected, hooks = projection_hooks(self.vision_layers(), attn_blocks)
+        with captured_inputs(self.vision_layers(), wanted_layers + attn_blocks, *packing, *hooks) as captured:
             output = self.model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True,
@@ -93,7 +94,7 @@ class LlavaNextIntegration(LlavaIntegration):
             scores = scores[:, 1:]  # [views in the batch, h*w]
         attn = None
         if attn_blocks:  # HiPrune's object and deep layers: [views in the batch, h*w, 2]
-            attn = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i])
+            attn = torch.stack([clip_received_attention(self.vision_layers()[i], captured[i], projected.get(i))
                                 for i in attn_blocks], -1)[:, 1:]
         scoring = clock(packed[0].device) - start
 

@@ -50,7 +50,7 @@ from .base import captured_inputs
 from .hf_vlm import Encoded, VisualBlock, VisualUnit
 from .llava import LlavaIntegration
 from .llava_next import ANYRES_BUDGETS, LlavaNextIntegration, _newline_rule
-from .projector_signals import RECEIVED_ATTENTION_SITES, clip_received_attention
+from .projector_signals import RECEIVED_ATTENTION_SITES, clip_received_attention, projection_hooks
 
 VIDEO_BUDGETS = ("clip", "frame")
 _NO_VISION_SITE = ("the AnyRes-max packing unpads and bilinearly shrinks every view's full patch grid, and video "
@@ -110,15 +110,19 @@ class LlavaOnevisionIntegration(LlavaNextIntegration):
                                      inputs["input_ids"])
 
     # --- scoring ---------------------------------------------------------------------------------
-    def _run_tower(self, wanted: list[int], run: Any) -> tuple[Any, dict[int, Tensor]]:
-        with captured_inputs(self.vision_layers(), wanted) as captured:
-            return run(), captured
+    def _run_tower(self, wanted: list[int], run: Any) -> tuple[Any, tuple[dict, dict]]:
+        """``run()`` with the wanted layers' inputs and query and key projections captured."""
+        projected, hooks = projection_hooks(self.vision_layers(), wanted)
+        with captured_inputs(self.vision_layers(), wanted, *hooks) as captured:
+            return run(), (captured, projected)
 
-    def _received(self, wanted: list[int], captured: dict[int, Tensor]) -> Tensor | None:
+    def _received(self, wanted: list[int], captured: tuple[dict, dict]) -> Tensor | None:
         """Per view (or frame), per patch: the attention it receives, mean over the wanted layers ``[V, N]``."""
         if not wanted:
             return None
-        return torch.stack([clip_received_attention(self.vision_layers()[i], captured[i]) for i in wanted]).mean(0)
+        inputs, projected = captured
+        return torch.stack([clip_received_attention(self.vision_layers()[i], inputs[i], projected.get(i))
+                            for i in wanted]).mean(0)
 
     # --- images ----------------------------------------------------------------------------------
     def _encode_stills(self, inputs: dict[str, Any], layer: Any, wanted: list[int], blocks: list[VisualBlock],

@@ -4,6 +4,7 @@ their own: ``prompt_text`` (the instruction's input embeddings, CDPruner) and th
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -63,16 +64,38 @@ def encoder_attn_blocks(params: dict, depth: int, object_share: float, deep: int
     return chosen
 
 
-def clip_received_attention(layer: torch.nn.Module, hidden: Tensor) -> Tensor:
+def clip_received_attention(layer: torch.nn.Module, hidden: Tensor,
+                            projected: dict[str, Tensor] | None = None) -> Tensor:
     """Attention each token receives in a CLIP or SigLIP encoder layer, mean over heads and every query
-    ([CLS] included where there is one): ``[B, T]``, recomputed from the layer's input, ``layer_norm1``,
-    ``q_proj`` and ``k_proj``."""
+    ([CLS] included where there is one): ``[B, T]``. ``projected``: the layer's own ``q_proj`` and ``k_proj``
+    outputs from the forward (``projection_hooks``); missing ones are recomputed from the layer's input
+    ``hidden`` through ``layer_norm1``, which gives the same values at the cost of two projections."""
     attention = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    batch, length, _ = normed.shape
-    q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    projected = projected or {}
+    batch, length, _ = hidden.shape
+    normed = None if {"q_proj", "k_proj"} <= set(projected) else layer.layer_norm1(hidden)
+    q, k = (projected[name] if name in projected else getattr(attention, name)(normed) for name in ("q_proj", "k_proj"))
+    q = q.view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    k = k.view(batch, length, -1, attention.head_dim).transpose(1, 2)
     return kernels.attention_received(q, k, scale=attention.scale)  # no [T, T] map: blockwise column sums
+
+
+def projection_hooks(layers: Any, wanted: list[int]) -> tuple[dict[int, dict[str, Tensor]], list[Any]]:
+    """Forward hooks storing the ``q_proj`` and ``k_proj`` outputs of each wanted encoder layer, for
+    forwards of this thread only (the modules are shared between threads): the store and the handles
+    (hand them to ``captured_inputs``, which removes them on the way out)."""
+    owner = threading.get_ident()
+    store: dict[int, dict[str, Tensor]] = {}
+
+    def keeper(index: int, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+            if threading.get_ident() == owner:
+                store.setdefault(index, {})[name] = output
+        return hook
+
+    handles = [getattr(layers[i].self_attn, name).register_forward_hook(keeper(i, name))
+               for i in dict.fromkeys(wanted) for name in ("q_proj", "k_proj")]
+    return store, handles
 
 
 def hidden_state_blocks(requested: list[int], count: int) -> list[int]:

@@ -352,3 +352,33 @@ def test_scoring_never_falls_back_to_eager_attention(monkeypatch):
     for method in ("visionzip", "hiprune", "cdpruner"):
         with vtoken.wrapped(model, method, keep=8):
             model.generate(**batch, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_received_attention_from_the_forward_projections_equals_the_recomputed_one(family):
+    """HiPrune's encoder_attn and OneVision's received attention read the q/k projections the tower computed
+    in its forward; recomputing them from the layer's captured input must give the same scores, bit for bit."""
+    from tiny_models import llava_batch, prompt_ids, tiny_llava, tiny_llava_onevision
+    from vtoken.integrations.base import Integration, captured_inputs
+    from vtoken.integrations.projector_signals import clip_received_attention, projection_hooks
+
+    model = tiny_llava() if family == "llava" else tiny_llava_onevision()
+    integration = Integration.for_model(model)
+    layers = integration.vision_layers()
+    wanted = [0, len(layers) - 1]
+    projected, hooks = projection_hooks(layers, wanted)
+    if family == "llava":
+        batch = llava_batch([prompt_ids([20], 1, [30]), prompt_ids([21, 22], 1, [31])])
+    else:
+        batch = {"pixel_values": torch.randn(2, 3, model.config.vision_config.image_size,
+                                             model.config.vision_config.image_size)}
+    with captured_inputs(layers, wanted, *hooks) as captured, torch.no_grad():
+        tower = model.model.vision_tower
+        tower(batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[-3:]))
+    assert set(projected) == set(wanted) and all(set(p) == {"q_proj", "k_proj"} for p in projected.values())
+    for i in wanted:
+        from_forward = clip_received_attention(layers[i], captured[i], projected[i])
+        recomputed = clip_received_attention(layers[i], captured[i])
+        assert from_forward.shape == captured[i].shape[:2]
+        assert torch.equal(from_forward, recomputed)
+    assert not any(getattr(layers[i].self_attn, name)._forward_hooks for i in wanted for name in ("q_proj", "k_proj"))
